@@ -1,0 +1,45 @@
+"""The small interface through which stages report metrics.
+
+Stages never import MLflow, Prefect or DVC. They receive a `MetricsLogger` from the glue
+(the CLI, the Prefect flow or `dvc repro` through the CLI) and call it. The default one just
+prints nothing; the MLflow one lives in `rlhf.mlops.mlflow_logger`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Protocol
+
+
+class MetricsLogger(Protocol):
+    """What a stage may report while it runs."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Record scalar metrics, optionally at a training step."""
+
+    def log_artifact(self, path: Path) -> None:
+        """Record a file (a plot, a metrics json) produced by the stage."""
+
+
+class NullLogger:
+    """Discards everything: the default when a stage runs without tracking."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: Path) -> None:
+        pass
+
+
+class RecordingLogger:
+    """Keeps everything in memory; handy in tests and for summaries."""
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+        self.artifacts: list[Path] = []
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_artifact(self, path: Path) -> None:
+        self.artifacts.append(Path(path))
