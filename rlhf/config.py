@@ -1,0 +1,312 @@
+"""Typed configuration: one section per stage, loaded from params.yaml.
+
+Every field carries a one-line docstring (pydantic turns it into the field's description,
+which `rlhf params` and error messages show). Unknown keys, wrong types and out-of-range
+values are rejected before any work starts, with one line naming the key, the value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rlhf.errors import ParamsError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True, frozen=False
+    )
+
+
+class DataConfig(Section):
+    source: str = "builtin"
+    """Where the data comes from: `builtin` (the generated sorting task)."""
+    seed: int = 0
+    """Seed of the builtin task generator; the same seed gives byte-identical splits."""
+    min_digits: int = Field(4, ge=1, le=20)
+    """Shortest list of digits in a builtin prompt."""
+    max_digits: int = Field(7, ge=1, le=20)
+    """Longest list of digits in a builtin prompt."""
+    n_sft: int = Field(8000, ge=1)
+    """Number of SFT demonstrations."""
+    n_pairs: int = Field(6000, ge=1)
+    """Number of preference pairs to train the reward model on."""
+    n_pairs_eval: int = Field(1000, ge=1)
+    """Number of held-out preference pairs (RM accuracy and the noise ceiling)."""
+    n_rl_prompts: int = Field(4000, ge=1)
+    """Number of RL prompts for PPO rollouts."""
+    n_eval_prompts: int = Field(200, ge=1)
+    """Number of held-out evaluation prompts."""
+    demo_correct_prob: float = Field(0.4, ge=0.0, le=1.0)
+    """Chance that an SFT demonstration is the exact sort (else a near miss)."""
+    candidate_correct_prob: float = Field(0.5, ge=0.0, le=1.0)
+    """Chance that a preference candidate is the exact sort (else a near miss)."""
+    label_temperature: float = Field(0.25, gt=0.0)
+    """Bradley-Terry temperature of the simulated raters: P(a > b) = sigmoid((g_a - g_b) / T)."""
+
+    @model_validator(mode="after")
+    def _digits_range(self) -> "DataConfig":
+        if self.min_digits > self.max_digits:
+            raise ValueError(
+                f"data.min_digits ({self.min_digits}) must be <= data.max_digits ({self.max_digits})"
+            )
+        return self
+
+
+class ModelConfig(Section):
+    name_or_path: str = "builtin"
+    """Base causal LM: `builtin` (a tiny GPT-2 built locally) or a Hugging Face id or path."""
+    trust_remote_code: bool = False
+    """Allow a model's own Python code to run when it is loaded. Off unless you trust it."""
+    n_layer: int = Field(4, ge=1)
+    """Builtin model: number of transformer blocks."""
+    n_head: int = Field(4, ge=1)
+    """Builtin model: attention heads per block."""
+    n_embd: int = Field(128, ge=8)
+    """Builtin model: width of the residual stream."""
+    n_positions: int = Field(64, ge=8)
+    """Builtin model: longest sequence (prompt + response) in tokens."""
+    seed: int = 0
+    """Seed of the builtin model's random initialisation."""
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    """Seed for torch, numpy and Python's random in every training stage."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision passed to Accelerate (bf16/fp16 need a GPU)."""
+    cpu: bool = False
+    """Force the CPU even when a GPU is present."""
+    num_threads: int = Field(0, ge=0)
+    """torch CPU threads; 0 leaves torch's default."""
+
+
+class SFTConfig(Section):
+    epochs: float = Field(3.0, gt=0)
+    """Passes over the SFT demonstrations."""
+    batch_size: int = Field(64, ge=1)
+    """Sequences per optimiser step."""
+    lr: float = Field(2e-3, gt=0)
+    """Peak learning rate (AdamW, linear warmup then cosine decay)."""
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    """Fraction of steps spent warming the learning rate up."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
+    log_every: int = Field(20, ge=1)
+    """Log the training loss every this many steps."""
+
+
+class RewardConfig(Section):
+    epochs: float = Field(2.0, gt=0)
+    """Passes over the preference pairs."""
+    batch_size: int = Field(64, ge=1)
+    """Pairs per optimiser step."""
+    lr: float = Field(5e-4, gt=0)
+    """Peak learning rate (AdamW, linear warmup then cosine decay)."""
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    """Fraction of steps spent warming the learning rate up."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
+    n_normalise_samples: int = Field(512, ge=1)
+    """SFT samples whose mean score is shifted to 0 after training."""
+    log_every: int = Field(20, ge=1)
+    """Log the training loss and accuracy every this many steps."""
+
+
+class PPOConfig(Section):
+    steps: int = Field(150, ge=1)
+    """PPO iterations (one rollout batch and its updates each)."""
+    batch_size: int = Field(64, ge=1)
+    """Prompts per rollout."""
+    num_minibatches: int = Field(2, ge=1)
+    """Minibatches per PPO epoch (batch_size must divide evenly)."""
+    ppo_epochs: int = Field(4, ge=1)
+    """Passes over each rollout batch."""
+    lr: float = Field(3e-5, gt=0)
+    """Learning rate of the policy and value model (AdamW, linear decay to 0)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of rollouts (log-probs use the same scaled logits)."""
+    max_new_tokens: int = Field(10, ge=1)
+    """Longest response in tokens; responses without EOS stop here."""
+    kl_coef: float = Field(0.05, ge=0)
+    """beta: initial weight of the per-token KL penalty."""
+    adaptive_kl: bool = True
+    """Adapt beta to hold `kl_target` (Ziegler et al.); false keeps beta fixed."""
+    kl_target: float = Field(1.0, gt=0)
+    """Adaptive controller: target KL per response, in nats."""
+    kl_horizon: int = Field(10000, ge=1)
+    """Adaptive controller: horizon in episodes."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount factor of GAE."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """lambda of GAE."""
+    cliprange: float = Field(0.2, gt=0)
+    """Clip range of the policy ratio."""
+    cliprange_value: float = Field(0.2, gt=0)
+    """Clip range of the value prediction around its rollout value."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss."""
+    ent_coef: float = Field(0.0, ge=0)
+    """Weight of the entropy bonus (0 disables it)."""
+    ptx_coef: float = Field(0.0, ge=0)
+    """Weight of the SFT log-likelihood mixed into the loss (0 disables ptx)."""
+    whiten_rewards: bool = False
+    """Whiten the shaped rewards before GAE (N+ default on, TRL default off)."""
+    missing_eos_penalty: Optional[float] = None
+    """Score given to responses that never emit EOS; null keeps the RM score."""
+    value_model: Literal["reward", "policy_head"] = "reward"
+    """Value model: a copy of the reward model, or an extra head on the policy trunk."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    checkpoint_every: int = Field(50, ge=1)
+    """Write a resumable checkpoint every this many steps."""
+    gold_every: int = Field(1, ge=1)
+    """Score the rollouts with the gold reward every this many steps (builtin task only)."""
+
+    @model_validator(mode="after")
+    def _minibatches_divide(self) -> "PPOConfig":
+        if self.batch_size % self.num_minibatches:
+            raise ValueError(
+                f"ppo.batch_size ({self.batch_size}) must be divisible by "
+                f"ppo.num_minibatches ({self.num_minibatches})"
+            )
+        return self
+
+
+class EvalConfig(Section):
+    n_samples: int = Field(64, ge=1)
+    """Samples per eval prompt and model (n of pass@k; must be >= the largest k)."""
+    max_k: int = Field(64, ge=1)
+    """pass@k is reported for k = 1, 2, 4, ... up to this."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature for evaluation."""
+    max_new_tokens: int = Field(10, ge=1)
+    """Longest evaluated response in tokens."""
+    batch_size: int = Field(1024, ge=1)
+    """Sequences per generation batch."""
+    kl_budget: float = Field(5.0, gt=0, le=5.0)
+    """Largest allowed KL(policy || reference), summed over a response's tokens, in nats."""
+
+    @model_validator(mode="after")
+    def _enough_samples(self) -> "EvalConfig":
+        if self.n_samples < self.max_k:
+            raise ValueError(
+                f"eval.n_samples ({self.n_samples}) must be >= eval.max_k ({self.max_k})"
+            )
+        return self
+
+
+class Params(Section):
+    """All of params.yaml."""
+
+    data: DataConfig = DataConfig()
+    """Data source and the builtin task generator."""
+    model: ModelConfig = ModelConfig()
+    """Base model."""
+    train: TrainConfig = TrainConfig()
+    """Engine settings shared by every training stage."""
+    sft: SFTConfig = SFTConfig()
+    """Supervised fine-tuning."""
+    reward: RewardConfig = RewardConfig()
+    """Reward-model training."""
+    ppo: PPOConfig = PPOConfig()
+    """PPO with a per-token KL penalty."""
+    eval: EvalConfig = EvalConfig()
+    """Evaluation on held-out prompts."""
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, as DVC and MLflow want params."""
+        return {
+            f"{section}.{key}": value
+            for section, values in self.model_dump().items()
+            for key, value in values.items()
+        }
+
+    def digest(self) -> str:
+        """A short content hash of the params, for lineage tags."""
+        blob = json.dumps(self.model_dump(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`ppo.kl_coef=0.1` -> (["ppo", "kl_coef"], 0.1); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ParamsError(f"override {text!r} is not of the form section.key=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ParamsError(f"override {text!r}: {key} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _describe(error: dict[str, Any], source: str) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section_cls = Params
+        for part in error["loc"][:-1]:
+            section_cls = section_cls.model_fields[str(part)].annotation
+        allowed = ", ".join(section_cls.model_fields)
+        return f"unknown key {key!r} in {source}; allowed keys here: {allowed}"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        return f"{message.removeprefix('Value error, ')} (in {source})"
+    allowed = ""
+    field = _field_of(error["loc"])
+    if field is not None:
+        allowed = f" ({field.description})" if field.description else ""
+    return f"{key} = {error['input']!r} is not allowed: {message}{allowed}. Fix it in {source}"
+
+
+def _field_of(loc: tuple) -> Any:
+    cls: Any = Params
+    field = None
+    for part in loc:
+        fields = getattr(cls, "model_fields", None)
+        if not fields or str(part) not in fields:
+            return field
+        field = fields[str(part)]
+        cls = field.annotation
+    return field
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read params.yaml (missing sections take their defaults), apply `--set` overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = "the defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ParamsError(f"params file {path} not found; pass --params FILE or create it")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ParamsError(f"params file {path} is not valid YAML{where}; fix its syntax") from None
+        if not isinstance(raw, dict):
+            raise ParamsError(f"params file {path} must be a mapping of sections")
+        source = str(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source += " or --set"
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(_describe(exc.errors()[0], source)) from None

@@ -1,0 +1,37 @@
+"""The distributed engine every training stage runs under: Hugging Face Accelerate.
+
+One process by default; `accelerate launch` (or torchrun) with several processes gives DDP,
+and an Accelerate config gives DeepSpeed or FSDP on GPUs, without changes to the stages.
+Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from rlhf.config import TrainConfig
+from rlhf.io import atomic_dir
+
+
+def make_accelerator(cfg: TrainConfig, seed_offset: int = 0) -> Accelerator:
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    set_seed(cfg.seed + seed_offset)
+    return Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
+
+
+def save_checkpoint(accelerator: Accelerator, directory: Path, state: dict[str, Any]) -> None:
+    """Weights (safetensors), optimizer, scheduler and RNG states via Accelerate, plus
+    `trainer_state.json` (step, data position, controller state), written atomically."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    with atomic_dir(directory) as tmp:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))

@@ -1,0 +1,98 @@
+"""File helpers: atomic outputs, jsonl, content hashes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from rlhf.errors import DataError, MissingInputError
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temp dir beside `final`; on success it replaces `final` in one rename.
+
+    A crash inside the block leaves `final` as it was (old or absent), never half written.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path, produced_by: str | None = None) -> Any:
+    require(path, produced_by)
+    return json.loads(Path(path).read_text())
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+
+
+def read_jsonl(path: Path, produced_by: str | None = None) -> list[dict]:
+    require(path, produced_by)
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}); fix or remove that row") from None
+    return rows
+
+
+def require(path: Path, produced_by: str | None = None) -> Path:
+    """Fail with a one-line fix if an input is missing."""
+    path = Path(path)
+    if not path.exists():
+        fix = f"run `rlhf stage {produced_by}` first" if produced_by else "check the path"
+        raise MissingInputError(f"missing input {path}; {fix}")
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_files(paths: Iterable[Path], root: Path) -> str:
+    """One hash over several files' relative names and contents."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(str(Path(path).relative_to(root)).encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()

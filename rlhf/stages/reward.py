@@ -1,0 +1,147 @@
+"""Stage `reward`: train the reward model on preference pairs.
+
+The SFT trunk with its LM head swapped for a scalar head, read at the last non-padding
+token. Loss: -log sigmoid(r(x, y_w) - r(x, y_l)). Only score differences are learned, so
+afterwards the head's bias is shifted until the mean score of SFT samples is 0, and their
+std is recorded. Writes `models/reward/` and `metrics/reward.json`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from transformers import get_cosine_schedule_with_warmup
+
+from rlhf.config import Params
+from rlhf.data.tokenize import collate_sequences, encode, encode_response
+from rlhf.engine import make_accelerator
+from rlhf.generation import generate
+from rlhf.io import atomic_dir, read_json, read_jsonl, write_json
+from rlhf.models.loading import ScalarHeadModel, load_causal_lm, load_tokenizer
+from rlhf.paths import Paths
+from rlhf.progress import progress_bar
+from rlhf.tracking import MetricsLogger, NullLogger
+
+
+def encode_pairs(tokenizer, rows: list[dict]) -> list[dict]:
+    return [{"chosen": encode_response(tokenizer, r["prompt"], r["chosen"]),
+             "rejected": encode_response(tokenizer, r["prompt"], r["rejected"])} for r in rows]
+
+
+def collate_pairs(batch: list[dict], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen rows first, then rejected rows, in one padded batch of 2B sequences."""
+    return collate_sequences([b["chosen"] for b in batch] + [b["rejected"] for b in batch],
+                             pad_token_id)
+
+
+def pair_margins(model: ScalarHeadModel, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> torch.Tensor:
+    scores = model.score(input_ids, attention_mask)  # (2B,)
+    chosen, rejected = scores.chunk(2)
+    return chosen - rejected  # (B,)
+
+
+@torch.no_grad()
+def score_pairs(model: ScalarHeadModel, encoded: list[dict], pad_token_id: int,
+                device: torch.device, batch_size: int = 512) -> torch.Tensor:
+    margins = []
+    for start in range(0, len(encoded), batch_size):
+        ids, mask = collate_pairs(encoded[start:start + batch_size], pad_token_id)
+        margins.append(pair_margins(model, ids.to(device), mask.to(device)).float().cpu())
+    return torch.cat(margins)
+
+
+def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> dict:
+    cfg = params.reward
+    train_rows = read_jsonl(paths.prepared / "preference_train.jsonl", produced_by="prepare")
+    eval_rows = read_jsonl(paths.prepared / "preference_eval.jsonl", produced_by="prepare")
+    manifest = read_json(paths.prepared / "manifest.json", produced_by="prepare")
+    read_json(paths.sft / "config.json", produced_by="sft")
+    trust = params.model.trust_remote_code
+    accelerator = make_accelerator(params.train, seed_offset=1)
+    tokenizer = load_tokenizer(paths.sft, trust)
+    model = ScalarHeadModel.from_causal_lm(paths.sft, trust)
+
+    loader = DataLoader(encode_pairs(tokenizer, train_rows), batch_size=cfg.batch_size,
+                        shuffle=True, drop_last=True,
+                        collate_fn=lambda b: collate_pairs(b, tokenizer.pad_token_id),
+                        generator=torch.Generator().manual_seed(params.train.seed))
+    total_steps = max(1, math.ceil(cfg.epochs * len(loader)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    model.train()
+    history: list[tuple[float, float]] = []
+    step, start = 0, time.perf_counter()
+    with progress_bar("reward", total_steps) as bar:
+        while step < total_steps:
+            for input_ids, attention_mask in loader:
+                margins = pair_margins(accelerator.unwrap_model(model), input_ids, attention_mask)
+                loss = -F.logsigmoid(margins).mean()
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                step += 1
+                history.append((loss.item(), (margins > 0).float().mean().item()))
+                if step % cfg.log_every == 0 or step == total_steps:
+                    recent = history[-cfg.log_every:]
+                    logger.log_metrics({
+                        "reward/loss": sum(h[0] for h in recent) / len(recent),
+                        "reward/accuracy_train": sum(h[1] for h in recent) / len(recent),
+                        "reward/lr": scheduler.get_last_lr()[0]}, step=step)
+                bar.advance(f"loss {loss.item():.3f}")
+                if step >= total_steps:
+                    break
+
+    model = accelerator.unwrap_model(model).eval()
+    device = accelerator.device
+    margins = score_pairs(model, encode_pairs(tokenizer, eval_rows), tokenizer.pad_token_id, device)
+    gold_gap = torch.tensor([r["gold_chosen"] - r["gold_rejected"] for r in eval_rows]
+                            if "gold_chosen" in eval_rows[0] else [])
+    metrics = {
+        "reward/accuracy": (margins > 0).float().mean().item(),
+        "reward/steps": float(step),
+        "reward/seconds": time.perf_counter() - start,
+        "reward/loss_final": sum(h[0] for h in history[-20:]) / len(history[-20:]),
+    }
+    if "noise_ceiling" in manifest:
+        metrics["reward/noise_ceiling"] = manifest["noise_ceiling"]
+        metrics["reward/gap_to_ceiling"] = manifest["noise_ceiling"] - metrics["reward/accuracy"]
+    if len(gold_gap):
+        decided = gold_gap != 0
+        metrics["reward/accuracy_gold"] = (
+            (margins[decided] > 0) == (gold_gap[decided] > 0)).float().mean().item()
+
+    metrics.update(normalise(model, tokenizer, params, paths, device))
+    if accelerator.is_main_process:
+        with atomic_dir(paths.reward) as out:
+            model.save(out)
+            tokenizer.save_pretrained(out)
+        write_json(paths.metrics_file("reward"), metrics)
+    logger.log_metrics(metrics)
+    return metrics
+
+
+@torch.no_grad()
+def normalise(model: ScalarHeadModel, tokenizer, params: Params, paths: Paths,
+              device: torch.device) -> dict:
+    """Shift the head's bias so SFT samples score 0 on average; record their std."""
+    prompts = read_jsonl(paths.prepared / "rl_prompts.jsonl", produced_by="prepare")
+    prompts = [encode(tokenizer, row["prompt"]) for row in prompts[:params.reward.n_normalise_samples]]
+    policy = load_causal_lm(paths.sft, params.model.trust_remote_code).to(device).eval()
+    query, query_mask, responses = generate(policy, tokenizer, prompts, params.ppo.max_new_tokens,
+                                            params.ppo.temperature, device)
+    response_mask = (responses != tokenizer.pad_token_id).long()
+    scores = model.score(torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1))
+    mean, std = scores.mean().item(), scores.std().item()
+    model.head.bias -= mean
+    model.score_std = std
+    return {"reward/sft_score_mean_before": mean, "reward/sft_score_std": std}

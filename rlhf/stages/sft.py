@@ -1,0 +1,83 @@
+"""Stage `sft`: supervised fine-tuning of the base model on the demonstrations.
+
+Causal-LM loss on the response tokens only (prompt tokens are masked out of the labels).
+Writes the policy initialisation to `models/sft/` and `metrics/sft.json`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from functools import partial
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import get_cosine_schedule_with_warmup
+
+from rlhf.config import Params
+from rlhf.data.tokenize import collate_sft, encode_sft
+from rlhf.engine import make_accelerator
+from rlhf.io import atomic_dir, read_jsonl, write_json
+from rlhf.models.base import resolve_base_model
+from rlhf.models.loading import load_causal_lm, load_tokenizer, position_ids_from
+from rlhf.paths import Paths
+from rlhf.progress import progress_bar
+from rlhf.tracking import MetricsLogger, NullLogger
+
+
+def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> dict:
+    cfg = params.sft
+    rows = read_jsonl(paths.prepared / "sft.jsonl", produced_by="prepare")
+    accelerator = make_accelerator(params.train)
+    base = resolve_base_model(params.model, paths)
+    tokenizer = load_tokenizer(base, params.model.trust_remote_code)
+    model = load_causal_lm(base, params.model.trust_remote_code)
+
+    examples = [encode_sft(tokenizer, row["prompt"], row["completion"]) for row in rows]
+    loader = DataLoader(examples, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                        collate_fn=partial(collate_sft, pad_token_id=tokenizer.pad_token_id),
+                        generator=torch.Generator().manual_seed(params.train.seed))
+    total_steps = max(1, math.ceil(cfg.epochs * len(loader)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    model.train()
+    losses: list[float] = []
+    step, start = 0, time.perf_counter()
+    with progress_bar("sft", total_steps) as bar:
+        while step < total_steps:
+            for batch in loader:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=position_ids_from(batch["attention_mask"]),
+                            labels=batch["labels"], use_cache=False)
+                accelerator.backward(out.loss)
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                step += 1
+                losses.append(out.loss.item())
+                if step % cfg.log_every == 0 or step == total_steps:
+                    logger.log_metrics({"sft/loss": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]),
+                                        "sft/lr": scheduler.get_last_lr()[0]}, step=step)
+                bar.advance(f"loss {losses[-1]:.3f}")
+                if step >= total_steps:
+                    break
+
+    window = max(1, min(50, len(losses) // 4))
+    metrics = {
+        "sft/loss_first": sum(losses[:window]) / window,
+        "sft/loss_final": sum(losses[-window:]) / window,
+        "sft/steps": float(step),
+        "sft/seconds": time.perf_counter() - start,
+    }
+    if accelerator.is_main_process:
+        with atomic_dir(paths.sft) as out:
+            accelerator.unwrap_model(model).save_pretrained(out)
+            tokenizer.save_pretrained(out)
+        write_json(paths.metrics_file("sft"), metrics)
+    logger.log_metrics(metrics)
+    return metrics
