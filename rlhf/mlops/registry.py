@@ -1,0 +1,252 @@
+"""The model registry: register the trained policy, promote it through a gate, load it back.
+
+A registered model (default name in the flow: `rlhf-policy`) gets one version per pipeline
+run. Two aliases mark versions (aliases replace MLflow's old stages):
+
+- `candidate`: the version registered last, waiting for the promotion gate;
+- `champion`: the version that passed the gate last, the one to serve.
+
+Each version carries its evaluation metrics as tags (`eval.policy.gold_reward`,
+`eval.kl_within_budget`, ...), flattened from `metrics/eval.json`, plus lineage tags (git
+commit, params digest, DVC hashes, Prefect flow run id). `promote` reads them back from the
+tags, so a decision can be re-made later from the registry alone.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from rlhf.mlops.mlflow_tracking import redact
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+EVAL_PREFIX = "eval."
+
+# The flavor's own requirement inference imports extras and is slow: name what loading needs.
+_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers")
+
+
+def pip_requirements() -> list[str]:
+    """`pkg==version` for what loading the logged policy needs (local `+cpu` tags dropped)."""
+    return [
+        f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in _REQUIREMENTS
+    ]
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = EVAL_PREFIX) -> dict[str, str]:
+    """{"policy": {"gold_reward": 0.8}} -> {"eval.policy.gold_reward": "0.8"}; bools as true/false."""
+    flat: dict[str, str] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, name + "."))
+        elif isinstance(value, bool):
+            flat[name] = str(value).lower()
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def register_policy(
+    model_dir: Path,
+    registered_name: str,
+    eval_metrics: Mapping[str, Any],
+    lineage_tags: Mapping[str, Any],
+    run_id: str | None = None,
+) -> int:
+    """Log the policy in `model_dir` as a new version of `registered_name`; returns its number.
+
+    The model is logged (`name="policy"`, task text-generation) under `run_id`, else under this
+    thread's active run, else under a new run. The version is tagged with the flattened eval
+    metrics and the (redacted) lineage tags, and gets the alias `candidate`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    client = MlflowClient()
+
+    active = mlflow.active_run()
+    if run_id is None and active is None:
+        with mlflow.start_run(run_name=f"register-{registered_name}") as run:
+            info = _log_policy(model, tokenizer, registered_name, run.info.run_id, None)
+    else:
+        run_id = run_id or active.info.run_id
+        model_id = None
+        if active is None or active.info.run_id != run_id:
+            # Not this thread's active run (e.g. a parent run opened in another thread): MLflow
+            # would file the LoggedModel under the default experiment, so create it in the run's.
+            model_id = mlflow.initialize_logged_model(
+                name="policy",
+                source_run_id=run_id,
+                experiment_id=client.get_run(run_id).info.experiment_id,
+            ).model_id
+        info = _log_policy(model, tokenizer, registered_name, run_id, model_id)
+
+    version = str(info.registered_model_version)
+    tags = {**flatten_metrics(eval_metrics), **redact(lineage_tags)}
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_name, version, key, value)
+    client.set_registered_model_alias(registered_name, CANDIDATE, version)
+    return int(version)
+
+
+def _log_policy(model, tokenizer, registered_name: str, run_id: str, model_id: str | None):
+    return mlflow.transformers.log_model(
+        {"model": model, "tokenizer": tokenizer},
+        name="policy",
+        task="text-generation",
+        pip_requirements=pip_requirements(),
+        registered_model_name=registered_name,
+        run_id=run_id,  # forwarded to mlflow.models.Model.log
+        model_id=model_id,
+    )
+
+
+@dataclass(frozen=True)
+class PromotionGate:
+    """What a candidate must show before it becomes the champion."""
+
+    min_gold_ratio_vs_champion: float = 1.0
+    """The candidate's policy gold reward must be >= this times the champion's (no champion: pass)."""
+    min_gold_ratio_vs_reference: float = 1.0
+    """`gold_ratio` (policy / reference gold reward on the eval prompts) must be >= this."""
+    require_kl_within_budget: bool = True
+    """The policy's KL to the reference must be within `eval.kl_budget` (`kl_within_budget`)."""
+    min_gold_reward: float = 0.0
+    """The candidate's policy gold reward must be >= this."""
+
+
+@dataclass
+class PromotionDecision:
+    """What `promote` decided, and why."""
+
+    version: int
+    """The version that was judged."""
+    promoted: bool
+    """True when every check passed and `champion` now points at `version`."""
+    previous_champion: int | None
+    """The champion before the decision (None when there was none)."""
+    reasons: list[str] = field(default_factory=list)
+    """One line per failed check, with the numbers; empty when promoted."""
+    passed: list[str] = field(default_factory=list)
+    """One line per passed check."""
+
+
+def alias_version(registered_name: str, alias: str) -> int | None:
+    """The version an alias points at, or None when the alias is not set."""
+    try:
+        return int(MlflowClient().get_model_version_by_alias(registered_name, alias).version)
+    except MlflowException as exc:
+        # A missing alias is INVALID_PARAMETER_VALUE "Registered model alias X not found." in
+        # 3.17 (a missing model is RESOURCE_DOES_NOT_EXIST, and is re-raised).
+        message = str(exc).lower()
+        if "alias" in message and "not found" in message:
+            return None
+        raise
+
+
+def _number(tags: Mapping[str, str], key: str) -> float | None:
+    try:
+        value = float(tags[key])
+    except (KeyError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def promote(
+    registered_name: str, version: int | None = None, gate: PromotionGate = PromotionGate()
+) -> PromotionDecision:
+    """Judge `version` (None: the `candidate` alias) with `gate`; move `champion` to it if it passes.
+
+    The numbers come from the version's `eval.*` tags. On a refusal the `champion` alias is left
+    where it was. The decision is also written on the version as `promotion.*` tags.
+    """
+    client = MlflowClient()
+    if version is None:
+        version = alias_version(registered_name, CANDIDATE)
+        if version is None:
+            raise ValueError(f"registered model {registered_name!r} has no {CANDIDATE!r} alias")
+    tags = client.get_model_version(registered_name, str(version)).tags
+    champion = alias_version(registered_name, CHAMPION)
+    decision = PromotionDecision(version=version, promoted=False, previous_champion=champion)
+    fail, ok = decision.reasons.append, decision.passed.append
+
+    gold = _number(tags, "eval.policy.gold_reward")
+    if gold is None:
+        fail(f"version {version} has no numeric eval.policy.gold_reward tag")
+    else:
+        if gold >= gate.min_gold_reward:
+            ok(f"gold reward {_fmt(gold)} >= minimum {_fmt(gate.min_gold_reward)}")
+        else:
+            fail(f"gold reward {_fmt(gold)} < minimum {_fmt(gate.min_gold_reward)}")
+
+        if champion is None:
+            ok("no current champion")
+        elif champion == version:
+            ok(f"version {version} is already the champion")
+        else:
+            champion_tags = client.get_model_version(registered_name, str(champion)).tags
+            champion_gold = _number(champion_tags, "eval.policy.gold_reward")
+            if champion_gold is None:
+                ok(f"champion (version {champion}) has no gold reward to beat")
+            else:
+                needed = gate.min_gold_ratio_vs_champion * champion_gold
+                times = (
+                    "" if gate.min_gold_ratio_vs_champion == 1.0
+                    else f"{_fmt(gate.min_gold_ratio_vs_champion)} x "
+                )  # fmt: skip
+                line = f"champion's {times}{_fmt(champion_gold)} (version {champion})"
+                if gold >= needed:
+                    ok(f"gold reward {_fmt(gold)} >= {line}")
+                else:
+                    fail(f"gold reward {_fmt(gold)} < {line}")
+
+    ratio = _number(tags, "eval.gold_ratio")
+    if ratio is None:
+        fail(f"version {version} has no numeric eval.gold_ratio tag")
+    elif ratio >= gate.min_gold_ratio_vs_reference:
+        ok(f"gold ratio vs reference {_fmt(ratio)} >= {_fmt(gate.min_gold_ratio_vs_reference)}")
+    else:
+        fail(f"gold ratio vs reference {_fmt(ratio)} < {_fmt(gate.min_gold_ratio_vs_reference)}")
+
+    if gate.require_kl_within_budget:
+        within = tags.get("eval.kl_within_budget")
+        kl, budget = _number(tags, "eval.policy.kl"), _number(tags, "eval.kl_budget")
+        numbers = f"KL {_fmt(kl) if kl is not None else '?'} vs budget " + (
+            _fmt(budget) if budget is not None else "?"
+        )
+        if within == "true":
+            ok(f"{numbers}: within budget")
+        else:
+            fail(f"{numbers}: not within budget (eval.kl_within_budget={within})")
+
+    decision.promoted = not decision.reasons
+    if decision.promoted:
+        client.set_registered_model_alias(registered_name, CHAMPION, str(version))
+    client.set_model_version_tag(
+        registered_name, str(version), "promotion.decision",
+        "promoted" if decision.promoted else "refused",
+    )  # fmt: skip
+    if decision.reasons:
+        client.set_model_version_tag(
+            registered_name, str(version), "promotion.reasons", "; ".join(decision.reasons)
+        )
+    return decision
+
+
+def load_candidate(registered_name: str, alias: str = CANDIDATE):
+    """The version under `alias` as a transformers text-generation pipeline."""
+    return mlflow.transformers.load_model(f"models:/{registered_name}@{alias}")
