@@ -89,7 +89,7 @@ class TrainConfig(Section):
 
 
 class SFTConfig(Section):
-    epochs: float = Field(3.0, gt=0)
+    epochs: float = Field(10.0, gt=0)
     """Passes over the SFT demonstrations."""
     batch_size: int = Field(64, ge=1)
     """Sequences per optimiser step."""
@@ -129,13 +129,13 @@ class PPOConfig(Section):
     """Minibatches per PPO epoch (batch_size must divide evenly)."""
     ppo_epochs: int = Field(4, ge=1)
     """Passes over each rollout batch."""
-    lr: float = Field(3e-5, gt=0)
+    lr: float = Field(1e-4, gt=0)
     """Learning rate of the policy and value model (AdamW, linear decay to 0)."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature of rollouts (log-probs use the same scaled logits)."""
     max_new_tokens: int = Field(10, ge=1)
     """Longest response in tokens; responses without EOS stop here."""
-    kl_coef: float = Field(0.05, ge=0)
+    kl_coef: float = Field(0.2, ge=0)
     """beta: initial weight of the per-token KL penalty."""
     adaptive_kl: bool = True
     """Adapt beta to hold `kl_target` (Ziegler et al.); false keeps beta fixed."""

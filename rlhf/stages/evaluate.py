@@ -1,0 +1,220 @@
+"""Stage `evaluate`: the trained policy against the reference (SFT) on held-out prompts.
+
+For each model, `eval.n_samples` samples per prompt give: the mean gold reward and exact
+match (builtin task), the mean reward-model score, the KL to the reference (summed over a
+response's tokens), and pass@k for k = 1, 2, 4, ... with the unbiased estimator. The policy's
+win rate pairs its i-th sample with the reference's i-th sample on the same prompt and
+compares gold rewards (ties count half). The judgement is the gold reward, never the RM
+score, which PPO can exploit.
+
+Writes `metrics/eval.json`, `metrics/pass_at_k.csv` and PNG plots in `plots/`.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+from rlhf import rl_math as rl
+from rlhf.config import Params
+from rlhf.data.tokenize import encode
+from rlhf.engine import make_accelerator
+from rlhf.generation import decode_responses, generate
+from rlhf.io import atomic_write_text, read_json, read_jsonl, write_json
+from rlhf.models.loading import ScalarHeadModel, lm_logits, load_causal_lm, load_tokenizer
+from rlhf.paths import Paths
+from rlhf.progress import progress_bar
+from rlhf.stages import reference as reference_stage
+from rlhf.stages.ppo import gold_reward_fn, response_logprobs
+from rlhf.tracking import MetricsLogger, NullLogger
+
+
+def ks_up_to(max_k: int) -> list[int]:
+    ks, k = [], 1
+    while k <= max_k:
+        ks.append(k)
+        k *= 2
+    return ks
+
+
+@torch.no_grad()
+def sample_and_score(model, reference, reward_model, tokenizer, prompts: list[str],
+                     params: Params, device, label: str) -> dict[str, list]:
+    """Samples of `model` for every prompt (repeated n times), with RM scores and the
+    summed KL of `model` to `reference` on each sample."""
+    cfg = params.eval
+    repeated = [p for p in prompts for _ in range(cfg.n_samples)]
+    out: dict[str, list] = {"prompt": [], "text": [], "score": [], "kl": []}
+    starts = range(0, len(repeated), cfg.batch_size)
+    with progress_bar(f"eval {label}", len(starts)) as bar:
+        for start in starts:
+            chunk = repeated[start:start + cfg.batch_size]
+            query, query_mask, responses = generate(
+                model, tokenizer, [encode(tokenizer, p) for p in chunk], cfg.max_new_tokens,
+                cfg.temperature, device)
+            responses = rl.truncate_after_eos(responses, tokenizer.eos_token_id,
+                                              tokenizer.pad_token_id)
+            mask = rl.mask_from_lengths(rl.response_lengths(responses, tokenizer.eos_token_id),
+                                        responses.shape[1])
+            query_responses = torch.cat([query, responses], 1)
+            attention_mask = torch.cat([query_mask, mask.long()], 1)
+            width = query.shape[1]
+            logprobs, _ = response_logprobs(lm_logits(model, query_responses, attention_mask),
+                                            responses, width, cfg.temperature)
+            ref_logprobs, _ = response_logprobs(
+                lm_logits(reference, query_responses, attention_mask), responses, width,
+                cfg.temperature)
+            kl = rl.per_token_kl(logprobs, ref_logprobs).masked_fill(~mask, 0.0).sum(1)
+            out["prompt"] += chunk
+            out["text"] += decode_responses(tokenizer, responses)
+            out["score"] += reward_model.score(query_responses, attention_mask).float().tolist()
+            out["kl"] += kl.float().tolist()
+            bar.advance()
+    return out
+
+
+def summarise(samples: dict[str, list], prompts: list[str], params: Params, gold) -> dict:
+    n = params.eval.n_samples
+    result = {
+        "rm_score": sum(samples["score"]) / len(samples["score"]),
+        "kl": sum(samples["kl"]) / len(samples["kl"]),
+    }
+    if gold is not None:
+        golds = [gold(p, t) for p, t in zip(samples["prompt"], samples["text"])]
+        samples["gold"] = golds
+        correct = [g == 1.0 for g in golds]
+        # Samples are grouped by prompt: n consecutive entries each.
+        counts = [sum(correct[i * n:(i + 1) * n]) for i in range(len(prompts))]
+        result["gold_reward"] = sum(golds) / len(golds)
+        result["exact_match"] = sum(correct) / len(correct)
+        result["pass_at_k"] = {str(k): rl.pass_at_k_array(n, counts, k)
+                               for k in ks_up_to(params.eval.max_k)}
+    return result
+
+
+def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> dict:
+    trust = params.model.trust_remote_code
+    prompts = [r["prompt"] for r in read_jsonl(paths.prepared / "eval_prompts.jsonl",
+                                               produced_by="prepare")]
+    read_json(paths.policy / "config.json", produced_by="ppo")
+    read_json(paths.reward / "config.json", produced_by="reward")
+    reference_stage.verify(paths.reference)
+    accelerator = make_accelerator(params.train, seed_offset=5)
+    device = accelerator.device
+    tokenizer = load_tokenizer(paths.policy, trust)
+    policy = load_causal_lm(paths.policy, trust).to(device).eval()
+    reference = load_causal_lm(paths.reference, trust).to(device).eval()
+    reward_model = ScalarHeadModel.load(paths.reward, trust).to(device).eval()
+    gold = gold_reward_fn(params)
+
+    policy_samples = sample_and_score(policy, reference, reward_model, tokenizer, prompts,
+                                      params, device, "policy")
+    reference_samples = sample_and_score(reference, reference, reward_model, tokenizer,
+                                         prompts, params, device, "reference")
+    report = {
+        "policy": summarise(policy_samples, prompts, params, gold),
+        "reference": summarise(reference_samples, prompts, params, gold),
+        "n_prompts": len(prompts),
+        "n_samples": params.eval.n_samples,
+        "kl_budget": params.eval.kl_budget,
+    }
+    report["kl_within_budget"] = report["policy"]["kl"] <= params.eval.kl_budget
+    if gold is not None:
+        wins = [1.0 if a > b else 0.5 if a == b else 0.0
+                for a, b in zip(policy_samples["gold"], reference_samples["gold"])]
+        report["win_rate"] = sum(wins) / len(wins)
+        report["gold_ratio"] = (report["policy"]["gold_reward"]
+                                / max(report["reference"]["gold_reward"], 1e-9))
+
+    if accelerator.is_main_process:
+        write_json(paths.metrics_file("eval"), report)
+        if gold is not None:
+            write_pass_at_k(paths.metrics / "pass_at_k.csv", report)
+        for plot in make_plots(report, paths):
+            logger.log_artifact(plot)
+    metrics = flatten(report)
+    logger.log_metrics(metrics)
+    return report
+
+
+def flatten(report: dict, prefix: str = "eval") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in report.items():
+        name = f"{prefix}/{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        elif isinstance(value, (int, float, bool)):
+            flat[name] = float(value)
+    return flat
+
+
+def write_pass_at_k(path: Path, report: dict) -> None:
+    lines = ["k,policy,reference"] + [
+        f"{k},{report['policy']['pass_at_k'][k]:.6g},{report['reference']['pass_at_k'][k]:.6g}"
+        for k in report["policy"]["pass_at_k"]]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as handle:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
+
+
+def make_plots(report: dict, paths: Paths) -> list[Path]:
+    """pass@k curves; gold reward and KL over PPO steps; reward against KL."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths.plots.mkdir(parents=True, exist_ok=True)
+    written = []
+    if "pass_at_k" in report["policy"]:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for name in ("policy", "reference"):
+            curve = report[name]["pass_at_k"]
+            ax.plot([int(k) for k in curve], list(curve.values()), marker="o",
+                    label=name if name == "policy" else "reference (SFT)")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="k", ylabel="pass@k", title="pass@k on held-out prompts", ylim=(0, 1.02))
+        ax.legend()
+        written.append(_save(fig, paths.plots / "pass_at_k.png"))
+
+    history = read_history(paths.metrics / "ppo_history.csv")
+    if history:
+        steps = [row["step"] for row in history]
+        fig, left = plt.subplots(figsize=(6, 3.5))
+        if "objective/gold_reward" in history[0]:
+            left.plot(steps, [r.get("objective/gold_reward") for r in history], color="C0",
+                      label="gold reward (rollouts)")
+        left.plot(steps, [r["objective/scores"] for r in history], color="C2", alpha=0.6,
+                  label="RM score (rollouts)")
+        left.set(xlabel="PPO step", ylabel="reward")
+        right = left.twinx()
+        right.plot(steps, [r["objective/kl"] for r in history], color="C3", label="KL")
+        right.set_ylabel("KL to reference (nats)")
+        fig.legend(loc="lower right", fontsize=8)
+        left.set_title("PPO: reward and KL over steps")
+        written.append(_save(fig, paths.plots / "ppo_reward_kl.png"))
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        kls = [r["objective/kl"] for r in history]
+        ax.scatter(kls, [r["objective/scores"] for r in history], s=8, label="RM score", c="C2")
+        if "objective/gold_reward" in history[0]:
+            ax.scatter(kls, [r.get("objective/gold_reward") for r in history], s=8,
+                       label="gold reward", c="C0")
+        ax.set(xlabel="KL to reference (nats)", ylabel="reward", title="reward against KL")
+        ax.legend()
+        written.append(_save(fig, paths.plots / "reward_vs_kl.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path

@@ -1,0 +1,338 @@
+"""Stage `ppo`: PPO with a per-token KL penalty against the frozen reference.
+
+Each iteration, in the order of the N+ reference implementation:
+  1. rollout: sample responses to a batch of RL prompts (temperature, stop at EOS);
+  2. score: per-token log-probs under policy and reference, values, one RM score each;
+  3. shape rewards: r_t = -beta * KL_t, plus the RM score on the last response token;
+  4. GAE advantages and returns, advantages whitened over valid tokens;
+  5. several epochs of clipped policy + clipped value updates over minibatches;
+  6. adapt beta towards the KL target.
+The math of steps 3-5 lives in `rlhf.rl_math` as pure, unit-tested functions.
+
+Writes `models/policy/`, `metrics/ppo.json`, `metrics/ppo_history.csv` (one row per step,
+for plots) and a resumable checkpoint under `checkpoints/ppo/`.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from transformers import get_linear_schedule_with_warmup
+
+from rlhf import rl_math as rl
+from rlhf.config import Params, PPOConfig
+from rlhf.data import builtin_sort
+from rlhf.data.tokenize import collate_sft, encode, encode_sft
+from rlhf.engine import make_accelerator, save_checkpoint
+from rlhf.generation import decode_responses, generate
+from rlhf.io import atomic_dir, atomic_write_text, read_json, read_jsonl, write_json
+from rlhf.models.loading import (ScalarHeadModel, lm_logits, load_causal_lm, load_tokenizer,
+                                 position_ids_from)
+from rlhf.paths import Paths
+from rlhf.progress import progress_bar
+from rlhf.stages import reference as reference_stage
+from rlhf.tracking import MetricsLogger, NullLogger
+
+
+class PolicyAndValue(nn.Module):
+    """Policy and value model in one module, so one optimizer and one Accelerate `prepare`
+    cover both. The value model is either a separate scalar-head transformer (initialised
+    from the reward model) or an extra head on the policy's own trunk."""
+
+    def __init__(self, policy: nn.Module, value_model: Optional[ScalarHeadModel]):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+        if value_model is None:
+            self.value_head = nn.Linear(policy.config.hidden_size, 1)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        if self.value_model is not None:
+            logits = lm_logits(self.policy, input_ids, attention_mask)  # (B, T, V)
+            values = self.value_model(input_ids, attention_mask)  # (B, T)
+            return logits, values
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids_from(attention_mask),
+                          output_hidden_states=True, use_cache=False)
+        return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
+
+
+@dataclass
+class Rollout:
+    """One batch of experience. B = prompts, Q = query width, R = response width."""
+
+    query_responses: torch.Tensor  # (B, Q+R) left-padded query, then response
+    attention_mask: torch.Tensor  # (B, Q+R)
+    responses: torch.Tensor  # (B, R)
+    mask: torch.Tensor  # (B, R) True on response tokens up to and including EOS
+    logprobs: torch.Tensor  # (B, R) under the policy, INVALID_LOGPROB at padding
+    ref_logprobs: torch.Tensor  # (B, R) under the reference
+    values: torch.Tensor  # (B, R) V(s_t), 0 at padding
+    scores: torch.Tensor  # (B,) reward-model scores (after the missing-EOS penalty)
+    has_eos: torch.Tensor  # (B,)
+    texts: list[str]
+    prompts: list[str]
+
+
+def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, query_width: int,
+                      temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the response tokens and the logits that produced them.
+
+    The logit at position t predicts token t+1, so the response's logits start one position
+    before the response; they are scaled by the sampling temperature, as sampling did.
+    """
+    logits = logits[:, query_width - 1:-1] / temperature  # (B, R, V)
+    return rl.logprobs_from_logits(logits, responses), logits
+
+
+@torch.no_grad()
+def collect_rollout(model: PolicyAndValue, reference: nn.Module, reward_model: ScalarHeadModel,
+                    tokenizer, prompts: list[str], cfg: PPOConfig, device) -> Rollout:
+    policy = model.policy
+    policy.eval()
+    query, query_mask, responses = generate(
+        policy, tokenizer, [encode(tokenizer, p) for p in prompts], cfg.max_new_tokens,
+        cfg.temperature, device)
+    responses = rl.truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    lengths = rl.response_lengths(responses, tokenizer.eos_token_id)  # (B,)
+    mask = rl.mask_from_lengths(lengths, responses.shape[1])  # (B, R)
+    query_responses = torch.cat([query, responses], 1)
+    attention_mask = torch.cat([query_mask, mask.long()], 1)
+    width = query.shape[1]
+
+    logits, values = model(query_responses, attention_mask)
+    logprobs, _ = response_logprobs(logits, responses, width, cfg.temperature)
+    ref_logprobs, _ = response_logprobs(lm_logits(reference, query_responses, attention_mask),
+                                        responses, width, cfg.temperature)
+    values = values[:, width - 1:-1]  # (B, R): V(s_t) read where a_t is predicted
+    scores = reward_model.score(query_responses, attention_mask)  # (B,)
+    has_eos = (responses == tokenizer.eos_token_id).any(1)
+    if cfg.missing_eos_penalty is not None:
+        scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+    return Rollout(
+        query_responses=query_responses, attention_mask=attention_mask, responses=responses,
+        mask=mask,
+        logprobs=logprobs.masked_fill(~mask, rl.INVALID_LOGPROB),
+        ref_logprobs=ref_logprobs.masked_fill(~mask, rl.INVALID_LOGPROB),
+        values=values.masked_fill(~mask, 0.0), scores=scores.float(), has_eos=has_eos,
+        texts=decode_responses(tokenizer, responses), prompts=prompts)
+
+
+def ppo_update(model: PolicyAndValue, optimizer, accelerator, batch: Rollout,
+               advantages: torch.Tensor, returns: torch.Tensor, cfg: PPOConfig,
+               ptx_batches: Optional[Callable[[], dict]], generator: torch.Generator) -> dict:
+    """`ppo_epochs` passes of clipped policy + value updates over shuffled minibatches."""
+    model.train()
+    size = batch.responses.shape[0]
+    width = batch.query_responses.shape[1] - batch.responses.shape[1]
+    stats: dict[str, list[float]] = {k: [] for k in (
+        "approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio",
+        "ratio_var", "ptx_loss")}
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(size, generator=generator).to(batch.responses.device)
+        for index in order.chunk(cfg.num_minibatches):
+            mask = batch.mask[index]
+            logits, vpred = model(batch.query_responses[index], batch.attention_mask[index])
+            new_logprobs, scaled_logits = response_logprobs(
+                logits, batch.responses[index], width, cfg.temperature)
+            new_logprobs = new_logprobs.masked_fill(~mask, rl.INVALID_LOGPROB)
+            vpred = vpred[:, width - 1:-1]
+            pg = rl.policy_loss(new_logprobs, batch.logprobs[index], advantages[index], mask,
+                                cfg.cliprange)
+            vf = rl.value_loss(vpred, batch.values[index], returns[index], mask,
+                               cfg.cliprange_value)
+            entropy = rl.masked_mean(rl.entropy_from_logits(scaled_logits), mask)
+            loss = pg.loss + cfg.vf_coef * vf.loss - cfg.ent_coef * entropy
+            if ptx_batches is not None:
+                demo = ptx_batches()
+                ptx = model.policy(input_ids=demo["input_ids"], attention_mask=demo["attention_mask"],
+                                   position_ids=position_ids_from(demo["attention_mask"]),
+                                   labels=demo["labels"], use_cache=False).loss
+                loss = loss + cfg.ptx_coef * ptx
+                stats["ptx_loss"].append(ptx.item())
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            for key, value in (("approxkl", pg.approxkl), ("clipfrac", pg.clipfrac),
+                               ("pg_loss", pg.loss), ("vf_loss", vf.loss),
+                               ("vf_clipfrac", vf.clipfrac), ("entropy", entropy),
+                               ("ratio", pg.ratio_mean), ("ratio_var", pg.ratio_var)):
+                stats[key].append(float(value))
+    return {key: sum(vals) / len(vals) for key, vals in stats.items() if vals}
+
+
+def gold_reward_fn(params: Params) -> Optional[Callable[[str, str], float]]:
+    """The gold reward where the task has one (the builtin task); None otherwise."""
+    return builtin_sort.gold_score if params.data.source == "builtin" else None
+
+
+def prompt_batches(prompts: list[str], batch_size: int, seed: int):
+    """Endless shuffled batches of prompts, a new permutation each pass."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(prompts), generator=generator).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield [prompts[i] for i in order[start:start + batch_size]]
+
+
+def load_models(params: Params, paths: Paths):
+    trust = params.model.trust_remote_code
+    read_json(paths.sft / "config.json", produced_by="sft")
+    read_json(paths.reward / "config.json", produced_by="reward")
+    reference_hash = reference_stage.verify(paths.reference)
+    tokenizer = load_tokenizer(paths.sft, trust)
+    policy = load_causal_lm(paths.sft, trust)
+    reference = load_causal_lm(paths.reference, trust).eval().requires_grad_(False)
+    reward_model = ScalarHeadModel.load(paths.reward, trust).eval().requires_grad_(False)
+    value_model = (ScalarHeadModel.load(paths.reward, trust)
+                   if params.ppo.value_model == "reward" else None)
+    return tokenizer, PolicyAndValue(policy, value_model), reference, reward_model, reference_hash
+
+
+def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> dict:
+    cfg = params.ppo
+    prompts = [row["prompt"] for row in read_jsonl(paths.prepared / "rl_prompts.jsonl",
+                                                    produced_by="prepare")]
+    if len(prompts) < cfg.batch_size:
+        from rlhf.errors import DataError
+        raise DataError(f"{len(prompts)} RL prompts are fewer than ppo.batch_size "
+                        f"({cfg.batch_size}); lower ppo.batch_size or add prompts")
+    accelerator = make_accelerator(params.train, seed_offset=2)
+    device = accelerator.device
+    tokenizer, model, reference, reward_model, reference_hash = load_models(params, paths)
+    reference.to(device)
+    reward_model.to(device)
+    gold = gold_reward_fn(params)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, eps=1e-5, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, cfg.steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    kl_ctl = (rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+              if cfg.adaptive_kl else rl.FixedKLController(cfg.kl_coef))
+    ptx_batches = make_ptx_batches(params, paths, tokenizer, device) if cfg.ptx_coef > 0 else None
+    batches = prompt_batches(prompts, cfg.batch_size, params.train.seed)
+    shuffle = torch.Generator().manual_seed(params.train.seed + 3)
+
+    history: list[dict] = []
+    history_file = paths.metrics / "ppo_history.csv"
+    with progress_bar("ppo", cfg.steps) as bar:
+        for step in range(1, cfg.steps + 1):
+            start = time.perf_counter()
+            batch = collect_rollout(unwrapped, reference, reward_model, tokenizer,
+                                    next(batches), cfg, device)
+            # Steps 3-4: shaped rewards, GAE, whitened advantages.
+            kl = rl.per_token_kl(batch.logprobs, batch.ref_logprobs)  # (B, R), 0 at padding
+            lengths = batch.mask.sum(1)
+            rewards, non_score = rl.shape_rewards(kl, batch.scores, lengths, kl_ctl.value)
+            if cfg.whiten_rewards:
+                rewards = rl.masked_whiten(rewards, batch.mask, shift_mean=False)
+                rewards = rewards.masked_fill(~batch.mask, 0.0)
+            advantages, returns = rl.gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)
+            advantages = rl.masked_whiten(advantages, batch.mask).masked_fill(~batch.mask, 0.0)
+            # Step 5: the PPO epochs.
+            update = ppo_update(model, optimizer, accelerator, batch, advantages, returns, cfg,
+                                ptx_batches, shuffle)
+            scheduler.step()
+            # Step 6: adapt beta to the KL just measured.
+            mean_kl = kl.sum(1).mean().item()
+            beta = kl_ctl.value
+            kl_ctl.update(mean_kl, cfg.batch_size)
+
+            row = {
+                "step": step,
+                "objective/kl": mean_kl,
+                "objective/kl_coef": beta,
+                "objective/entropy": (-batch.logprobs.masked_fill(~batch.mask, 0)).sum(1).mean().item(),
+                "objective/non_score_reward": non_score.sum(1).mean().item(),
+                "objective/rlhf_reward": (batch.scores + non_score.sum(1)).mean().item(),
+                "objective/scores": batch.scores.mean().item(),
+                "policy/approxkl_avg": update["approxkl"],
+                "policy/clipfrac_avg": update["clipfrac"],
+                "policy/entropy_avg": update["entropy"],
+                "loss/policy_avg": update["pg_loss"],
+                "loss/value_avg": update["vf_loss"],
+                "val/clipfrac_avg": update["vf_clipfrac"],
+                "val/ratio": update["ratio"],
+                "val/ratio_var": update["ratio_var"],
+                "val/num_eos_tokens": float(batch.has_eos.sum().item()),
+                "val/response_length": lengths.float().mean().item(),
+                "lr": scheduler.get_last_lr()[0],
+                "eps": cfg.batch_size / (time.perf_counter() - start),
+            }
+            if "ptx_loss" in update:
+                row["loss/ptx_avg"] = update["ptx_loss"]
+            if gold is not None and step % cfg.gold_every == 0:
+                golds = [gold(p, t) for p, t in zip(batch.prompts, batch.texts)]
+                row["objective/gold_reward"] = sum(golds) / len(golds)
+                row["objective/gold_exact"] = sum(g == 1.0 for g in golds) / len(golds)
+            history.append(row)
+            logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+            bar.advance(f"score {row['objective/scores']:.2f} kl {mean_kl:.2f}"
+                        + (f" gold {row['objective/gold_reward']:.2f}"
+                           if "objective/gold_reward" in row else ""))
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                write_history(history_file, history) if accelerator.is_main_process else None
+                save_checkpoint(accelerator, paths.checkpoints / "ppo", {
+                    "step": step, "prompts_seen": step * cfg.batch_size,
+                    "kl_controller": kl_ctl.state_dict(), "params_digest": params.digest(),
+                    "reference_sha256": reference_hash})
+
+    metrics = summarise(history)
+    if accelerator.is_main_process:
+        with atomic_dir(paths.policy) as out:
+            unwrapped.policy.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+        write_history(history_file, history)
+        write_json(paths.metrics_file("ppo"), metrics)
+    logger.log_metrics({f"ppo_final/{k.replace('/', '_')}": v for k, v in metrics.items()})
+    return metrics
+
+
+def make_ptx_batches(params: Params, paths: Paths, tokenizer, device) -> Callable[[], dict]:
+    """Endless minibatches of SFT demonstrations for the ptx term."""
+    rows = read_jsonl(paths.prepared / "sft.jsonl", produced_by="prepare")
+    examples = [encode_sft(tokenizer, r["prompt"], r["completion"]) for r in rows]
+    size = params.ppo.batch_size // params.ppo.num_minibatches
+    generator = torch.Generator().manual_seed(params.train.seed + 4)
+
+    def next_batch() -> dict:
+        index = torch.randint(len(examples), (size,), generator=generator).tolist()
+        batch = collate_sft([examples[i] for i in index], tokenizer.pad_token_id)
+        return {k: v.to(device) for k, v in batch.items()}
+
+    return next_batch
+
+
+def summarise(history: list[dict], window: int = 10) -> dict:
+    """Final figures: means over the last `window` steps, and where the gold curve peaked."""
+    tail = history[-window:]
+    keys = [k for k in history[-1] if k != "step"]
+    summary = {k: sum(row[k] for row in tail if k in row) / max(1, sum(k in row for row in tail))
+               for k in keys}
+    summary["steps"] = float(len(history))
+    golds = [(row["objective/gold_reward"], row["step"]) for row in history
+             if "objective/gold_reward" in row]
+    if golds:
+        summary["objective/gold_reward_first"] = golds[0][0]
+        best = max(golds)
+        summary["objective/gold_reward_best"], summary["objective/gold_reward_best_step"] = best
+    return summary
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    lines = [",".join(keys)] + [",".join(f"{row[k]:.6g}" if k in row else "" for k in keys)
+                                for row in history]
+    atomic_write_text(path, "\n".join(lines) + "\n")
