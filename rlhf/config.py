@@ -203,6 +203,24 @@ class EvalConfig(Section):
         return self
 
 
+class RegisterConfig(Section):
+    model_name: str = Field("rlhf-policy", min_length=1)
+    """Registered model name in the MLflow registry; each pipeline run adds a version."""
+    experiment: str = Field("rlhf", min_length=1)
+    """MLflow experiment that holds the pipeline runs."""
+
+
+class PromoteConfig(Section):
+    min_gold_ratio_vs_champion: float = Field(1.0, ge=0)
+    """The candidate's gold reward must be at least this times the current champion's."""
+    min_gold_ratio_vs_reference: float = Field(1.0, ge=0)
+    """The candidate's gold reward must be at least this times its reference (SFT) model's."""
+    require_kl_within_budget: bool = True
+    """Refuse a candidate whose KL to its reference exceeds eval.kl_budget."""
+    min_gold_reward: float = Field(0.0, ge=0)
+    """Refuse a candidate whose mean gold reward is below this."""
+
+
 class Params(Section):
     """All of params.yaml."""
 
@@ -220,6 +238,10 @@ class Params(Section):
     """PPO with a per-token KL penalty."""
     eval: EvalConfig = EvalConfig()
     """Evaluation on held-out prompts."""
+    register: RegisterConfig = RegisterConfig()
+    """Model registry (MLflow)."""
+    promote: PromoteConfig = PromoteConfig()
+    """The gate a model version must pass to become `champion`."""
 
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, as DVC and MLflow want params."""
