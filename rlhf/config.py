@@ -203,7 +203,7 @@ class EvalConfig(Section):
         return self
 
 
-class RegisterConfig(Section):
+class RegistryConfig(Section):
     model_name: str = Field("rlhf-policy", min_length=1)
     """Registered model name in the MLflow registry; each pipeline run adds a version."""
     experiment: str = Field("rlhf", min_length=1)
@@ -238,7 +238,7 @@ class Params(Section):
     """PPO with a per-token KL penalty."""
     eval: EvalConfig = EvalConfig()
     """Evaluation on held-out prompts."""
-    register: RegisterConfig = RegisterConfig()
+    registry: RegistryConfig = RegistryConfig()
     """Model registry (MLflow)."""
     promote: PromoteConfig = PromoteConfig()
     """The gate a model version must pass to become `champion`."""
