@@ -100,7 +100,7 @@ def test_pipeline_and_stage_runs(store, tmp_path):
     client = MlflowClient()
     run = client.get_run(parent.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["ppo.kl_coef"] == "0.05"
+    assert run.data.params["ppo.kl_coef"] == str(Params().ppo.kl_coef)
     assert run.data.params["eval.max_new_tokens"] == "10"
     assert len(run.data.params) == len(params.flat())
     assert run.data.tags["params.digest"] == params.digest()
