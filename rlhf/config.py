@@ -9,6 +9,7 @@ what is allowed.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -332,3 +333,32 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         return Params.model_validate(raw)
     except ValidationError as exc:
         raise ParamsError(_describe(exc.errors()[0], source)) from None
+
+
+def write_overrides(params_file: str | Path, overrides: list[str]) -> None:
+    """Write `--set` overrides into the params file, keeping its comments and layout.
+
+    What `dvc exp run -S` does: afterwards the file describes what the run produced, so
+    `dvc repro` agrees with it and the change shows up in `git diff`. The overrides are
+    validated first, so a bad one leaves the file untouched.
+    """
+    from ruamel.yaml import YAML
+
+    from rlhf.io import atomic_write_text
+
+    load_params(params_file, overrides)
+    yaml_rt = YAML()
+    yaml_rt.preserve_quotes = True
+    yaml_rt.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    path = Path(params_file)
+    document = yaml_rt.load(path.read_text()) or {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = document
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    buffer = io.StringIO()
+    yaml_rt.dump(document, buffer)
+    atomic_write_text(path, buffer.getvalue())
