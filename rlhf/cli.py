@@ -1,25 +1,32 @@
-"""The `rlhf` command line."""
+"""The `rlhf` command line: run the pipeline, one stage, a schedule, a promotion, or look."""
 
 from __future__ import annotations
 
 import json
-import sys
+import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from rlhf.errors import UserError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  help="A reproducible PPO-RLHF pipeline: prepare → sft → reward → reference → ppo → evaluate.")
+app = typer.Typer(
+    add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+    help="A reproducible PPO-RLHF pipeline: prepare → sft → reward → reference → ppo → "
+         "evaluate → register.")
 err = Console(stderr=True)
 out = Console()
 
 ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="The params file.")
-SetOption = typer.Option(None, "--set", "-s", help="Override a param: section.key=value (repeatable).")
-RootOption = typer.Option(Path("."), "--root", help="Project directory holding data/, models/, metrics/.")
+SetOption = typer.Option(None, "--set", "-s",
+                         help="Override a param: section.key=value (repeatable).")
+RootOption = typer.Option(Path("."), "--root",
+                          help="Project directory holding data/, models/, metrics/.")
+PARENT_RUN_ENV = "RLHF_MLFLOW_PARENT_RUN_ID"
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -33,29 +40,127 @@ def _load(params_file: Path, overrides: Optional[List[str]]):
     return load_params(params_file, overrides or [])
 
 
+def _tracking_available() -> bool:
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @app.command()
 def stage(
-    name: str = typer.Argument(..., help="prepare, sft, reward, reference, ppo or evaluate."),
+    name: str = typer.Argument(..., help="prepare, sft, reward, reference, ppo, evaluate or register."),
     params_file: Path = ParamsOption,
     overrides: Optional[List[str]] = SetOption,
     root: Path = RootOption,
+    track: bool = typer.Option(True, help="Log the stage to MLflow as a run (a child of "
+                                          f"${PARENT_RUN_ENV} when set)."),
 ) -> None:
     """Run one stage alone (what each dvc.yaml stage calls)."""
     from rlhf import stages
     from rlhf.paths import Paths
 
+    paths = Paths(root)
+    parent = os.environ.get(PARENT_RUN_ENV)
     try:
         params = _load(params_file, overrides)
-        run = stages.get(name)
-        metrics = run(params, Paths(root))
+        if name == "register":
+            from rlhf.mlops.register import register
+
+            metrics = register(params, paths, parent_run_id=parent)
+        else:
+            run = stages.get(name)
+            with _stage_logger(name, params, paths, parent, track) as logger:
+                metrics = run(params, paths, logger) if logger else run(params, paths)
     except UserError as exc:
         fail(str(exc))
     out.print(f"[bold green]{name}[/] done")
-    out.print_json(json.dumps(_scalars(metrics)))
+    out.print_json(json.dumps({k: v for k, v in metrics.items()
+                               if isinstance(v, (int, float, str, bool))}))
+
+
+def _stage_logger(name, params, paths, parent: Optional[str], track: bool):
+    if not (track and _tracking_available()):
+        return nullcontext(None)
+    from rlhf.mlops import mlflow_tracking as mt
+
+    mt.configure(paths.root)
+    if parent:
+        return mt.stage_run(name, parent)
+    return mt.pipeline_run(params.registry.experiment, params, tags={"stage": name},
+                           run_name=f"stage-{name}", project_root=paths.root)
+
+
+@app.command()
+def run(
+    params_file: Path = ParamsOption,
+    overrides: Optional[List[str]] = SetOption,
+    root: Path = RootOption,
+) -> None:
+    """Run the whole pipeline now as the Prefect flow `rlhf-pipeline`.
+
+    Overrides are written into the params file first (as `dvc exp run -S` does), so the
+    file, the artifacts and dvc.lock agree afterwards.
+    """
+    from flows.pipeline import run_pipeline
+
+    try:
+        _load(params_file, overrides)
+        summary = run_pipeline(str(params_file), list(overrides or []), str(root))
+    except UserError as exc:
+        fail(str(exc))
+    print_summary(summary, root)
+
+
+@app.command()
+def serve(
+    cron: str = typer.Option("0 3 * * *", help="When to run, as a cron expression."),
+    params_file: Path = ParamsOption,
+    overrides: Optional[List[str]] = SetOption,
+    root: Path = RootOption,
+    name: str = typer.Option("rlhf-pipeline-scheduled", help="Deployment name."),
+) -> None:
+    """Serve the pipeline on a schedule (Prefect `flow.serve`); stop with Ctrl-C."""
+    from flows.pipeline import serve_pipeline
+
+    try:
+        _load(params_file, overrides)
+        out.print(f"serving [bold]rlhf-pipeline/{name}[/] on cron [bold]{cron}[/]; Ctrl-C stops")
+        serve_pipeline(cron, str(params_file), list(overrides or []), str(root), name=name)
+    except UserError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def promote(
+    version: Optional[int] = typer.Option(None, help="Model version; default: the `candidate`."),
+    params_file: Path = ParamsOption,
+    root: Path = RootOption,
+) -> None:
+    """Move the `champion` alias to a version if it passes the gate in params `promote`."""
+    from flows.pipeline import promote_flow
+
+    try:
+        _load(params_file, None)
+        decision = promote_flow(str(params_file), version, str(root))
+    except UserError as exc:
+        fail(str(exc))
+    if decision["promoted"]:
+        out.print(f"[bold green]promoted[/] version {decision['version']} to champion")
+        return
+    fail(f"version {decision['version']} not promoted: " + "; ".join(decision["reasons"]), code=1)
+
+
+@app.command()
+def status(root: Path = RootOption) -> None:
+    """The last run's metrics and where to look."""
+    print_summary(None, root)
 
 
 @app.command("params")
-def show_params(params_file: Path = ParamsOption, overrides: Optional[List[str]] = SetOption) -> None:
+def show_params(params_file: Path = ParamsOption,
+                overrides: Optional[List[str]] = SetOption) -> None:
     """Print the validated params (defaults filled in) with each field's meaning."""
     try:
         params = _load(params_file, overrides)
@@ -64,16 +169,52 @@ def show_params(params_file: Path = ParamsOption, overrides: Optional[List[str]]
     for section, cfg in params:
         out.print(f"[bold]{section}[/]")
         for key, field in type(cfg).model_fields.items():
-            out.print(f"  {key} = {getattr(cfg, key)!r}  [dim]# {field.description}[/]", highlight=False)
+            out.print(f"  {key} = {getattr(cfg, key)!r}  [dim]# {field.description}[/]",
+                      highlight=False)
 
 
-def _scalars(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool, dict))}
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def print_summary(summary: Optional[dict], root: Path) -> None:
+    """The figures that matter, the model version, and where to look."""
+    metrics = Path(root) / "metrics"
+    evaluation, reward, registered = (_read(metrics / f"{name}.json")
+                                      for name in ("eval", "reward", "register"))
+    if not evaluation:
+        fail(f"no evaluation found in {metrics}; run `rlhf run` first", code=1)
+    table = Table(title="rlhf: held-out evaluation", show_header=True)
+    for column in ("metric", "policy", "reference (SFT)"):
+        table.add_column(column)
+    for key in ("gold_reward", "exact_match", "rm_score", "kl"):
+        if key in evaluation["policy"]:
+            table.add_row(key, f"{evaluation['policy'][key]:.3f}",
+                          f"{evaluation['reference'][key]:.3f}")
+    for k in ("1", "8", "64"):
+        if k in evaluation["policy"].get("pass_at_k", {}):
+            table.add_row(f"pass@{k}", f"{evaluation['policy']['pass_at_k'][k]:.3f}",
+                          f"{evaluation['reference']['pass_at_k'][k]:.3f}")
+    out.print(table)
+    if "gold_ratio" in evaluation:
+        out.print(f"gold ratio policy/reference [bold]{evaluation['gold_ratio']:.2f}x[/], "
+                  f"win rate {evaluation['win_rate']:.2f}, KL {evaluation['policy']['kl']:.2f} "
+                  f"nats (budget {evaluation['kl_budget']}: "
+                  f"{'ok' if evaluation['kl_within_budget'] else 'EXCEEDED'})")
+    if reward:
+        out.print(f"reward model accuracy {reward['reward/accuracy']:.3f} "
+                  f"(noise ceiling {reward.get('reward/noise_ceiling', float('nan')):.3f})")
+    if registered:
+        out.print(f"model version: [bold]{registered['model_name']}[/] v{registered['version']} "
+                  f"(alias {registered['alias']}); promote with `rlhf promote`")
+    if summary and summary.get("mlflow_run_url"):
+        out.print(f"MLflow run: {summary['mlflow_run_url']}")
+    out.print("Where to look:\n"
+              "  MLflow UI:   mlflow ui --backend-store-uri sqlite:///mlflow.db  (http://127.0.0.1:5000)\n"
+              "  Prefect UI:  prefect server start  (http://127.0.0.1:4200)\n"
+              f"  metrics:     {metrics}/*.json, plots in {Path(root) / 'plots'}; "
+              "dvc metrics show; dvc plots show", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    app()

@@ -179,7 +179,7 @@ def default_artifact_location(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
-def _experiment_id(name: str) -> str:
+def experiment_id(name: str) -> str:
     """The experiment's id; created (artifacts next to a SQLite store) if it does not exist."""
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
@@ -217,7 +217,7 @@ def pipeline_run(
             all_tags["git.dirty"] = str(dirty).lower()
     all_tags.update(tags or {})
     with mlflow.start_run(
-        experiment_id=_experiment_id(experiment),
+        experiment_id=experiment_id(experiment),
         run_name=run_name,
         nested=mlflow.active_run() is not None,
         tags=redact(all_tags),

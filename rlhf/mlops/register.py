@@ -1,0 +1,50 @@
+"""The `register` step: the evaluated policy becomes a version of a registered MLflow model.
+
+Glue, not a stage function: it is MLflow by nature. Both the Prefect flow and
+`rlhf stage register` (what dvc.yaml's `register` stage runs) call `register`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import mlflow
+
+from rlhf.config import Params
+from rlhf.io import read_json, require, write_json
+from rlhf.mlops import dvc, registry
+from rlhf.mlops.mlflow_tracking import configure, experiment_id, git_commit
+from rlhf.paths import Paths
+
+
+def lineage_tags(params: Params, paths: Paths, extra: Optional[Mapping[str, Any]] = None) -> dict:
+    tags: dict[str, Any] = {"params.digest": params.digest(), **dvc.artifact_hashes(paths.root)}
+    commit = git_commit(paths.root)
+    if commit:
+        tags["git.commit"] = commit
+    reference = paths.reference / "reference.json"
+    if reference.exists():
+        tags["reference.sha256"] = read_json(reference)["sha256"]
+    tags.update(extra or {})
+    return tags
+
+
+def register(params: Params, paths: Paths, parent_run_id: Optional[str] = None,
+             tags: Optional[Mapping[str, Any]] = None) -> dict:
+    """Log models/policy as a new version of `registry.model_name` with alias `candidate`,
+    tagged with its eval metrics and lineage; write metrics/register.json."""
+    require(paths.policy / "config.json", produced_by="ppo")
+    eval_metrics = read_json(paths.metrics_file("eval"), produced_by="evaluate")
+    configure(paths.root)
+    run_id = parent_run_id
+    if run_id is None:
+        with mlflow.start_run(experiment_id=experiment_id(params.registry.experiment),
+                              run_name="register",
+                              tags={"stage": "register"}) as run:
+            run_id = run.info.run_id
+    version = registry.register_policy(paths.policy, params.registry.model_name, eval_metrics,
+                                       lineage_tags(params, paths, tags), run_id=run_id)
+    record = {"model_name": params.registry.model_name, "version": version, "run_id": run_id,
+              "alias": registry.CANDIDATE}
+    write_json(paths.metrics_file("register"), record)
+    return record
