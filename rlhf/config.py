@@ -81,8 +81,8 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     seed: int = 0
     """Seed for torch, numpy and Python's random in every training stage."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast precision passed to Accelerate (bf16/fp16 need a GPU)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision: fp32, or bf16/fp16 autocast through Accelerate (GPU)."""
     cpu: bool = False
     """Force the CPU even when a GPU is present."""
     num_threads: int = Field(0, ge=0)

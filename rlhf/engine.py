@@ -23,7 +23,9 @@ def make_accelerator(cfg: TrainConfig, seed_offset: int = 0) -> Accelerator:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     set_seed(cfg.seed + seed_offset)
-    return Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
+    # Not Accelerate's own "no": YAML 1.1 dumpers (DVC's `exp run -S`) rewrite it as false.
+    mixed_precision = "no" if cfg.precision == "fp32" else cfg.precision
+    return Accelerator(cpu=cfg.cpu, mixed_precision=mixed_precision)
 
 
 def save_checkpoint(accelerator: Accelerator, directory: Path, state: dict[str, Any]) -> None:
