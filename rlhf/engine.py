@@ -8,6 +8,7 @@ Only the main process writes files.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ def save_checkpoint(accelerator: Accelerator, directory: Path, state: dict[str, 
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
+    # Tied input/output embeddings are stored once; Accelerate warns about that every time.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     with atomic_dir(directory) as tmp:
         accelerator.save_state(str(tmp), safe_serialization=True)
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))

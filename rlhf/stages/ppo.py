@@ -15,7 +15,6 @@ for plots) and a resumable checkpoint under `checkpoints/ppo/`.
 
 from __future__ import annotations
 
-import csv
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from rlhf.config import Params, PPOConfig
 from rlhf.data import builtin_sort
 from rlhf.data.tokenize import collate_sft, encode, encode_sft
 from rlhf.engine import make_accelerator, save_checkpoint
+from rlhf.errors import DataError
 from rlhf.generation import decode_responses, generate
 from rlhf.io import atomic_dir, atomic_write_text, read_json, read_jsonl, write_json
 from rlhf.models.loading import (ScalarHeadModel, lm_logits, load_causal_lm, load_tokenizer,
@@ -166,7 +166,7 @@ def ppo_update(model: PolicyAndValue, optimizer, accelerator, batch: Rollout,
                                ("pg_loss", pg.loss), ("vf_loss", vf.loss),
                                ("vf_clipfrac", vf.clipfrac), ("entropy", entropy),
                                ("ratio", pg.ratio_mean), ("ratio_var", pg.ratio_var)):
-                stats[key].append(float(value))
+                stats[key].append(float(value.detach()))
     return {key: sum(vals) / len(vals) for key, vals in stats.items() if vals}
 
 
@@ -203,7 +203,6 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     prompts = [row["prompt"] for row in read_jsonl(paths.prepared / "rl_prompts.jsonl",
                                                     produced_by="prepare")]
     if len(prompts) < cfg.batch_size:
-        from rlhf.errors import DataError
         raise DataError(f"{len(prompts)} RL prompts are fewer than ppo.batch_size "
                         f"({cfg.batch_size}); lower ppo.batch_size or add prompts")
     accelerator = make_accelerator(params.train, seed_offset=2)
@@ -281,7 +280,8 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                         + (f" gold {row['objective/gold_reward']:.2f}"
                            if "objective/gold_reward" in row else ""))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                write_history(history_file, history) if accelerator.is_main_process else None
+                if accelerator.is_main_process:
+                    write_history(history_file, history)
                 save_checkpoint(accelerator, paths.checkpoints / "ppo", {
                     "step": step, "prompts_seen": step * cfg.batch_size,
                     "kl_controller": kl_ctl.state_dict(), "params_digest": params.digest(),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
+from rlhf import rl_math as rl
 from rlhf.config import Params
 from rlhf.data.tokenize import collate_sequences, encode, encode_response
 from rlhf.engine import make_accelerator
@@ -139,8 +140,11 @@ def normalise(model: ScalarHeadModel, tokenizer, params: Params, paths: Paths,
     policy = load_causal_lm(paths.sft, params.model.trust_remote_code).to(device).eval()
     query, query_mask, responses = generate(policy, tokenizer, prompts, params.ppo.max_new_tokens,
                                             params.ppo.temperature, device)
-    response_mask = (responses != tokenizer.pad_token_id).long()
-    scores = model.score(torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1))
+    responses = rl.truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    response_mask = rl.mask_from_lengths(rl.response_lengths(responses, tokenizer.eos_token_id),
+                                         responses.shape[1])
+    scores = model.score(torch.cat([query, responses], 1),
+                         torch.cat([query_mask, response_mask.long()], 1))
     mean, std = scores.mean().item(), scores.std().item()
     model.head.bias -= mean
     model.score_std = std
