@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install rlhf and its MLOps stack into ./.venv (or the active virtualenv).
+# torch goes first, pinned to the CPU build: a bare `torch` requirement with nothing installed
+# pulls a multi-GB CUDA build. GPU users: install the torch build you want before this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/_venv.sh
+python -m pip install -q --upgrade pip
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+# DVC first: resolving dvc[s3] together with everything else can backtrack for minutes.
+python -m pip install -q "dvc[s3]>=3.60,<4"
+python -m pip install -q -e ".[mlops${RLHF_EXTRAS:+,$RLHF_EXTRAS}]"
