@@ -129,7 +129,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                                 / max(report["reference"]["gold_reward"], 1e-9))
 
     if accelerator.is_main_process:
-        write_json(paths.metrics_file("eval"), report)
+        write_json(paths.metrics_file("eval"), report, sort_keys=False)  # k in numeric order
         if gold is not None:
             write_pass_at_k(paths.metrics / "pass_at_k.csv", report)
         for plot in make_plots(report, paths):
