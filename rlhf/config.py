@@ -27,10 +27,30 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: str = "builtin"
-    """Where the data comes from: `builtin` (the generated sorting task)."""
+    source: str = Field("builtin", min_length=1)
+    """Where the data comes from: `builtin` (the sorting task), a local jsonl/json/parquet/csv file or folder, or a hub dataset id."""
+    format: Literal["auto", "explicit", "hh", "conversational", "tldr"] = "auto"
+    """Layout of the preference rows: explicit, hh, conversational, tldr, or auto (detected from the columns)."""
+    split: str = Field("train", min_length=1)
+    """Training split of a hub dataset, or of a folder whose files or subfolders are named by split."""
+    eval_split: Optional[str] = Field(None, min_length=1)
+    """Held-out split (hub dataset or folder); null holds out data.eval_fraction of the training prompts."""
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    """Fraction of the training prompts held out for evaluation when data.eval_split is null."""
+    subset: Optional[str] = Field(None, min_length=1)
+    """Hub dataset configuration (subset) name; null for its default."""
+    sft_source: Optional[str] = Field(None, min_length=1)
+    """Separate SFT data (prompt/completion or messages); null uses prompt + chosen of the training pairs."""
+    prompts_source: Optional[str] = Field(None, min_length=1)
+    """Separate RL prompts (a prompt string or messages); null uses the training pairs' prompts."""
+    on_bad_row: Literal["error", "drop"] = "error"
+    """A malformed row stops the run (`error`) or is dropped and counted by reason in the manifest (`drop`)."""
+    max_length: int = Field(1024, ge=2)
+    """Longest allowed row in tokens: prompt + its longest response + EOS; longer rows are bad rows."""
+    max_rows: Optional[int] = Field(None, ge=1)
+    """Read at most this many rows of each source (null reads them all)."""
     seed: int = 0
-    """Seed of the builtin task generator; the same seed gives byte-identical splits."""
+    """Seed of the builtin task generator (same seed, byte-identical splits) and of the eval hold-out."""
     min_digits: int = Field(4, ge=1, le=20)
     """Shortest list of digits in a builtin prompt."""
     max_digits: int = Field(7, ge=1, le=20)
@@ -57,6 +77,22 @@ class DataConfig(Section):
         if self.min_digits > self.max_digits:
             raise ValueError(
                 f"data.min_digits ({self.min_digits}) must be <= data.max_digits ({self.max_digits})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _external_only(self) -> "DataConfig":
+        if self.source == "builtin":
+            for key in ("eval_split", "subset", "sft_source", "prompts_source"):
+                if getattr(self, key) is not None:
+                    raise ValueError(
+                        f"data.{key} applies to external data only; with data.source=builtin "
+                        f"set it to null, or point data.source at your data"
+                    )
+        elif self.eval_split is not None and self.eval_split == self.split:
+            raise ValueError(
+                f"data.eval_split ({self.eval_split!r}) must differ from data.split; "
+                "set it to another split or to null to hold out data.eval_fraction"
             )
         return self
 
