@@ -34,3 +34,25 @@ def tiny_project(tmp_path: Path) -> Path:
 
     write_overrides(tmp_path / "params.yaml", TINY_OVERRIDES)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def trained_upstream(tmp_path_factory) -> Path:
+    """prepare, sft, reward and reference run once on the tiny profile; copy before changing."""
+    from rlhf import stages
+    from rlhf.config import load_params
+    from rlhf.paths import Paths
+
+    root = tmp_path_factory.mktemp("upstream")
+    params = load_params(REPO / "params.yaml", TINY_OVERRIDES)
+    for name in ("prepare", "sft", "reward", "reference"):
+        stages.get(name)(params, Paths(root))
+    return root
+
+
+@pytest.fixture
+def upstream_copy(trained_upstream: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained upstream artifacts."""
+    for folder in ("data", "models"):
+        shutil.copytree(trained_upstream / folder, tmp_path / folder)
+    return tmp_path
