@@ -41,10 +41,24 @@ def test_adaptive_beta_moves_towards_the_target(upstream_copy):
     assert betas[1] < betas[0] and betas[2] < betas[1]
 
 
-def test_missing_eos_penalty_replaces_the_score(upstream_copy):
-    # One new token at most: responses almost never end with EOS, so the penalty applies.
-    rows = run_ppo(upstream_copy, "ppo.max_new_tokens=1", "ppo.missing_eos_penalty=-7",
-                   "ppo.steps=1")
-    # The SFT model never ends a sorted list after one digit, so every score is the penalty.
-    assert rows[0]["val/num_eos_tokens"] == 0
-    assert rows[0]["objective/scores"] == pytest.approx(-7.0)
+def test_missing_eos_penalty_replaces_the_score_of_responses_without_eos(upstream_copy):
+    import torch
+
+    from rlhf.stages.ppo import collect_rollout, load_models
+
+    prompts = ["31415=", "2020=", "987=", "5555="] * 4
+    # One new token at most: most responses cannot end with EOS yet.
+    params = load_params(REPO / "params.yaml", TINY_OVERRIDES + [
+        "ppo.max_new_tokens=1", "ppo.missing_eos_penalty=-7"])
+    tokenizer, model, reference, reward_model, _ = load_models(params, Paths(upstream_copy))
+    torch.manual_seed(0)
+    penalised = collect_rollout(model, reference, reward_model, tokenizer, prompts, params.ppo,
+                                torch.device("cpu"))
+    torch.manual_seed(0)
+    plain = collect_rollout(model, reference, reward_model, tokenizer, prompts,
+                            params.ppo.model_copy(update={"missing_eos_penalty": None}),
+                            torch.device("cpu"))
+    assert torch.equal(penalised.responses, plain.responses)
+    assert (~penalised.has_eos).any()
+    assert torch.all(penalised.scores[~penalised.has_eos] == -7.0)
+    assert torch.equal(penalised.scores[penalised.has_eos], plain.scores[plain.has_eos])
