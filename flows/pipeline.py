@@ -1,0 +1,536 @@
+"""The Prefect flows: `rlhf-pipeline` (every stage, each a cached task) and `promote`.
+
+    rlhf run [--set ppo.kl_coef=0.1]             # now, in this process
+    rlhf serve --cron "0 3 * * *"                # flow.serve: on a schedule until Ctrl-C
+    prefect work-pool create local --type process   # or: a deployment and a worker
+    prefect deploy --all                         # reads prefect.yaml in this directory
+    prefect worker start --pool local
+    prefect deployment run 'rlhf-pipeline/scheduled'
+
+The flow runs the same stage functions as `dvc repro` (`rlhf.stages`), one Prefect task per
+stage: prepare → sft → reward → reference → ppo → evaluate → register.
+
+Caching. A stage that has nothing new to do is not run again; its task ends `Cached` and
+returns what it returned last time. The cache key of a stage (`stage_cache_key`) hashes
+
+- the stage's name;
+- the params the stage reads (`STAGE_PARAMS`: at least its `params:` in dvc.yaml);
+- the content hashes of its inputs: each upstream task returns a sha256 of the files it wrote
+  (`OUTPUTS`), so a stage reruns exactly when an input's *content* changed (an upstream
+  rerun that rewrites identical bytes leaves everything downstream cached);
+- the source of the `rlhf` package (all its .py files; `rlhf/mlops` and `rlhf/cli.py` only
+  for `register`, since the compute stages never import them) and the versions of the
+  libraries that decide the numbers (torch, transformers, ...);
+- for `register`, a hash of the MLflow tracking/registry URIs (a new store needs a new version).
+
+Results (small dicts) are persisted as JSON under `<root>/.prefect-results`, so the cache
+lives with the project and survives across processes (serve, workers). The cache is never
+trusted blindly: if a stage's outputs are missing the task runs with `refresh_cache=True`,
+and if a cached stage's outputs no longer hash to what it recorded (edited or replaced by
+hand) it is run again the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact,
+                               create_table_artifact)
+from prefect.runtime import flow_run as current_flow_run
+from prefect.runtime import task_run as current_task_run
+
+from rlhf.config import Params, load_params, write_overrides
+from rlhf.errors import UserError
+from rlhf.paths import Paths
+
+RESULTS_DIR = ".prefect-results"
+"""Where the stage tasks' results (and so the cache) live, under the project root."""
+
+STAGES = ("prepare", "sft", "reward", "reference", "ppo", "evaluate", "register")
+
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    # The base model's tokenizer counts tokens (data.max_length) and renders chat templates.
+    "prepare": ("data", "model.name_or_path", "model.trust_remote_code"),
+    "sft": ("model", "train", "sft"),
+    # The score normalisation samples the SFT policy the way PPO will.
+    "reward": ("model.trust_remote_code", "train", "reward", "ppo.max_new_tokens",
+               "ppo.temperature"),
+    "reference": (),
+    "ppo": ("data.source", "model.trust_remote_code", "train", "ppo"),
+    "evaluate": ("data.source", "model.trust_remote_code", "train", "eval"),
+    "register": ("registry",),
+}
+"""The params (sections or section.key) each stage reads; at least what dvc.yaml lists."""
+
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "prepare": (),
+    "sft": ("prepare",),
+    "reward": ("prepare", "sft"),
+    "reference": ("sft",),
+    "ppo": ("prepare", "sft", "reward", "reference"),
+    "evaluate": ("prepare", "ppo", "reference", "reward"),
+    "register": ("ppo", "evaluate"),
+}
+"""The stages whose outputs each stage reads."""
+
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "prepare": ("data/prepared",),
+    "sft": ("models/base", "models/sft", "metrics/sft.json"),
+    "reward": ("models/reward", "metrics/reward.json"),
+    "reference": ("models/reference",),
+    "ppo": ("models/policy", "metrics/ppo.json", "metrics/ppo_history.csv"),
+    "evaluate": ("metrics/eval.json", "plots"),
+    "register": ("metrics/register.json",),
+}
+"""What each stage writes, relative to the project root; all must exist for a cache hit."""
+
+OPTIONAL_OUTPUTS: dict[str, tuple[str, ...]] = {"evaluate": ("metrics/pass_at_k.csv",)}
+"""Outputs hashed when present (pass@k exists only for tasks with a gold answer)."""
+
+LIBRARIES = ("torch", "transformers", "tokenizers", "accelerate", "safetensors", "numpy")
+"""Libraries whose versions are part of every compute stage's cache key."""
+
+SQLITE_UI = "http://127.0.0.1:5000"
+"""Where `mlflow ui` serves a local (SQLite) store by default."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashes: outputs, sources, cache keys
+
+
+def _sha256_tree(root: Path, relpaths: Iterable[str]) -> str:
+    """One sha256 over the files under `relpaths` (files or directories): names and contents."""
+    digest = hashlib.sha256()
+    for rel in relpaths:
+        base = root / rel
+        files = sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else (
+            [base] if base.is_file() else [])
+        for path in files:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def outputs_exist(root: Path, stage: str) -> bool:
+    return all((root / rel).exists() for rel in OUTPUTS[stage])
+
+
+def outputs_hash(root: Path, stage: str) -> str:
+    """The content hash of what `stage` wrote under `root`."""
+    return _sha256_tree(Path(root), OUTPUTS[stage] + OPTIONAL_OUTPUTS.get(stage, ()))
+
+
+def source_hash(stage: str) -> str:
+    """sha256 of the `rlhf` package's .py files that `stage` can depend on."""
+    import rlhf
+
+    package = Path(rlhf.__file__).resolve().parent
+    files = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        if stage != "register" and (rel.startswith("mlops/") or rel == "cli.py"):
+            continue
+        files.append(path)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _version(name: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def stage_params(params: Params, stage: str) -> dict[str, Any]:
+    """The part of the params that `stage` reads, e.g. {"ppo": {...}, "data.source": "builtin"}."""
+    dumped = params.model_dump(mode="json")
+    picked: dict[str, Any] = {}
+    for key in STAGE_PARAMS[stage]:
+        section, _, field = key.partition(".")
+        picked[key] = dumped[section][field] if field else dumped[section]
+    return picked
+
+
+def _external_inputs(params: Params, root: Path) -> dict[str, str]:
+    """Content hashes of the local files a stage reads that no stage wrote: data sources and
+    the base model when they name a local path (relative to the project root). A hub id is
+    keyed by its name only, so a dataset or model changed upstream under the same name does
+    not invalidate the cache: delete the stage's outputs to force a rerun."""
+    hashes = {}
+    for key in ("data.source", "data.sft_source", "data.prompts_source", "model.name_or_path"):
+        section, _, field = key.partition(".")
+        value = getattr(getattr(params, section), field, None)
+        if not value or value == "builtin":
+            continue
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else root / path
+        if path.exists():
+            hashes[key] = _sha256_tree(path.parent, [path.name])
+    return hashes
+
+
+def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """The cache key of a stage task (named after its stage): see the module docstring."""
+    stage = context.task.name
+    params = Params.model_validate(parameters["params"])
+    blob = {
+        "stage": stage,
+        "params": stage_params(params, stage),
+        "inputs": dict(sorted((parameters.get("inputs") or {}).items())),
+        "source": source_hash(stage),
+        "libraries": {"python": platform.python_version(),
+                      **{name: _version(name) for name in LIBRARIES}},
+    }
+    if stage == "register":
+        blob["libraries"]["mlflow"] = _version("mlflow")
+    return f"{stage}-{hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:40]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# One task per stage
+
+
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry transient failures, not a user's mistake (bad data, missing input)."""
+    return not isinstance(getattr(state, "data", None), UserError)
+
+
+def _run_stage(stage: str, params: dict, root: str, parent_run_id: str,
+               inputs: Optional[dict[str, str]] = None) -> dict:
+    """Run one stage under an MLflow child run of `parent_run_id`; return what it wrote.
+
+    The result: stage, hash (of its outputs), outputs, metrics (scalars), mlflow_run_id and
+    the Prefect flow run that produced it (a later cached run returns the same dict).
+    """
+    from rlhf import stages
+    from rlhf.mlops.mlflow_tracking import stage_run
+
+    project = Path(root)
+    paths = Paths(project)
+    parsed = Params.model_validate(params)
+    tags = {"prefect.flow_run_id": current_flow_run.id, "prefect.task_run_id": current_task_run.id}
+    with stage_run(stage, parent_run_id, tags=tags) as logger:
+        if stage == "register":
+            from rlhf.mlops.register import register
+
+            metrics = register(parsed, paths, parent_run_id=logger.run_id,
+                               tags={"prefect.flow_run_id": current_flow_run.id})
+        else:
+            metrics = stages.get(stage)(parsed, paths, logger)
+    return {
+        "stage": stage,
+        "hash": outputs_hash(project, stage),
+        "outputs": [rel for rel in OUTPUTS[stage] + OPTIONAL_OUTPUTS.get(stage, ())
+                    if (project / rel).exists()],
+        "metrics": {key: value for key, value in (metrics or {}).items()
+                    if isinstance(value, (int, float, str, bool))},
+        "mlflow_run_id": logger.run_id,
+        "flow_run_id": current_flow_run.id,
+    }
+
+
+_TASK_OPTIONS = dict(cache_key_fn=stage_cache_key, persist_result=True, result_serializer="json",
+                     cache_result_in_memory=False)
+_RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_unless_user_error)
+
+
+@task(name="prepare", task_run_name="prepare", **_TASK_OPTIONS, **_RETRY)
+def prepare(params: dict, root: str, parent_run_id: str,
+            inputs: Optional[dict[str, str]] = None) -> dict:
+    """Build the data splits (may download a dataset: retried)."""
+    return _run_stage("prepare", params, root, parent_run_id, inputs)
+
+
+@task(name="sft", task_run_name="sft", **_TASK_OPTIONS)
+def sft(params: dict, root: str, parent_run_id: str,
+        inputs: Optional[dict[str, str]] = None) -> dict:
+    """Supervised fine-tuning of the base model."""
+    return _run_stage("sft", params, root, parent_run_id, inputs)
+
+
+@task(name="reward", task_run_name="reward", **_TASK_OPTIONS)
+def reward(params: dict, root: str, parent_run_id: str,
+           inputs: Optional[dict[str, str]] = None) -> dict:
+    """Train the reward model on preference pairs."""
+    return _run_stage("reward", params, root, parent_run_id, inputs)
+
+
+@task(name="reference", task_run_name="reference", **_TASK_OPTIONS)
+def reference(params: dict, root: str, parent_run_id: str,
+              inputs: Optional[dict[str, str]] = None) -> dict:
+    """Freeze a hashed copy of the SFT model."""
+    return _run_stage("reference", params, root, parent_run_id, inputs)
+
+
+@task(name="ppo", task_run_name="ppo", **_TASK_OPTIONS)
+def ppo(params: dict, root: str, parent_run_id: str,
+        inputs: Optional[dict[str, str]] = None) -> dict:
+    """PPO with a per-token KL penalty against the reference."""
+    return _run_stage("ppo", params, root, parent_run_id, inputs)
+
+
+@task(name="evaluate", task_run_name="evaluate", **_TASK_OPTIONS)
+def evaluate(params: dict, root: str, parent_run_id: str,
+             inputs: Optional[dict[str, str]] = None) -> dict:
+    """Gold reward, RM score, KL, win rate and pass@k on held-out prompts."""
+    return _run_stage("evaluate", params, root, parent_run_id, inputs)
+
+
+@task(name="register", task_run_name="register", **_TASK_OPTIONS, **_RETRY)
+def register(params: dict, root: str, parent_run_id: str,
+             inputs: Optional[dict[str, str]] = None) -> dict:
+    """Log the policy as a new model version, alias `candidate` (talks to MLflow: retried)."""
+    return _run_stage("register", params, root, parent_run_id, inputs)
+
+
+STAGE_TASKS = {t.name: t for t in (prepare, sft, reward, reference, ppo, evaluate, register)}
+
+
+def _run_task(stage: str, params: Params, project: Path, parent_run_id: str,
+              inputs: dict[str, str]) -> tuple[dict, str]:
+    """Submit one stage task, using the cache only when it is safe; returns (result, state)."""
+    logger = get_run_logger()
+    base = STAGE_TASKS[stage].with_options(result_storage=project / RESULTS_DIR)
+    kwargs = dict(params=params.model_dump(mode="json"), root=str(project),
+                  parent_run_id=parent_run_id, inputs=inputs)
+    if outputs_exist(project, stage):
+        state = base(**kwargs, return_state=True)
+        result = state.result()  # raises the stage's error if it failed
+        if state.name != "Cached" or result["hash"] == outputs_hash(project, stage):
+            return result, state.name
+        logger.warning(f"{stage}: outputs changed since the cached run; running it again")
+    else:
+        logger.info(f"{stage}: outputs missing under {project}; running it (cache refreshed)")
+    state = base.with_options(refresh_cache=True)(**kwargs, return_state=True)
+    return state.result(), state.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts and the summary
+
+
+def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> tuple[str, str]:
+    """(URL of the run in the MLflow UI, a description saying which UI it assumes)."""
+    from rlhf.mlops.mlflow_tracking import redact_value
+
+    if tracking_uri.startswith(("http://", "https://")):
+        base = tracking_uri.rstrip("/")
+        note = f"MLflow server {redact_value(base)}"
+    else:
+        base = SQLITE_UI
+        note = (f"local store {redact_value(tracking_uri)}: start its UI with "
+                f"`mlflow ui --backend-store-uri {redact_value(tracking_uri)}` "
+                f"(serves {SQLITE_UI})")
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}", note
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def eval_markdown(report: dict, stage_states: dict[str, str], url: str) -> str:
+    rows = ["| metric | policy | reference (SFT) |", "| --- | --- | --- |"]
+    for key in ("gold_reward", "exact_match", "rm_score", "kl"):
+        if key in report["policy"]:
+            rows.append(f"| {key} | {_fmt(report['policy'][key])} | "
+                        f"{_fmt(report['reference'][key])} |")
+    lines = ["# rlhf: held-out evaluation", "", *rows, ""]
+    if "gold_ratio" in report:
+        lines.append(f"- gold ratio policy/reference: **{_fmt(report['gold_ratio'])}x**, "
+                     f"win rate {_fmt(report['win_rate'])}")
+    lines.append(f"- KL to the reference: {_fmt(report['policy']['kl'])} nats "
+                 f"(budget {_fmt(report['kl_budget'])}: "
+                 f"{'within' if report['kl_within_budget'] else '**EXCEEDED**'})")
+    lines.append(f"- stages: " + ", ".join(f"{name} {state}" for name, state
+                                            in stage_states.items()))
+    lines.append(f"- MLflow run: {url}")
+    return "\n".join(lines) + "\n"
+
+
+def pass_at_k_table(report: dict) -> list[dict]:
+    policy = report["policy"].get("pass_at_k", {})
+    reference = report["reference"].get("pass_at_k", {})
+    return [{"k": int(k), "policy": policy[k], "reference": reference.get(k)}
+            for k in sorted(policy, key=int)]
+
+
+def _headline(report: dict) -> dict:
+    headline = {
+        "gold_reward": report["policy"].get("gold_reward"),
+        "reference_gold_reward": report["reference"].get("gold_reward"),
+        "gold_ratio": report.get("gold_ratio"),
+        "win_rate": report.get("win_rate"),
+        "rm_score": report["policy"].get("rm_score"),
+        "kl": report["policy"].get("kl"),
+        "kl_budget": report.get("kl_budget"),
+        "kl_within_budget": report.get("kl_within_budget"),
+    }
+    for k, value in report["policy"].get("pass_at_k", {}).items():
+        headline[f"pass_at_{k}"] = value
+    return {key: value for key, value in headline.items() if value is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Flows
+
+
+@flow(name="rlhf-pipeline")
+def rlhf_pipeline(params_file: str = "params.yaml", overrides: Optional[list[str]] = None,
+                  root: str = ".") -> dict:
+    """prepare → sft → reward → reference → ppo → evaluate → register, each stage cached.
+
+    `params_file` is read relative to the current directory, `root` is the project holding
+    data/, models/, metrics/ (and mlflow.db unless MLFLOW_TRACKING_URI is set). `overrides`
+    (`section.key=value`) are validated, then written into the params file, as
+    `dvc exp run -S` does, so the file describes what the run produced.
+    """
+    import mlflow
+
+    from rlhf.io import read_json
+    from rlhf.mlops import dvc
+    from rlhf.mlops.mlflow_tracking import configure, pipeline_run, redact_value
+
+    logger = get_run_logger()
+    params = load_params(params_file, overrides or [])  # a ParamsError ends the flow here
+    if overrides:
+        write_overrides(params_file, overrides)
+    project = Path(root).resolve()
+    paths = Paths(project)
+    tracking_uri = configure(project)
+    flow_run_id, flow_run_name = current_flow_run.id, current_flow_run.name
+    store = f"{tracking_uri}|{mlflow.get_registry_uri()}"
+    store_hash = hashlib.sha256(store.encode()).hexdigest()[:16]
+
+    results: dict[str, dict] = {}
+    states: dict[str, str] = {}
+    tags = {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name,
+            "prefect.flow_name": "rlhf-pipeline"}
+    with pipeline_run(params.registry.experiment, params, tags=tags,
+                      run_name=f"pipeline-{flow_run_name}", project_root=project) as parent:
+        for stage in STAGES:
+            inputs = {up: results[up]["hash"] for up in UPSTREAM[stage]}
+            inputs.update(_external_inputs(params, project) if stage in ("prepare", "sft") else {})
+            if stage == "register":
+                inputs["mlflow_store"] = store_hash
+            results[stage], states[stage] = _run_task(stage, params, project, parent.run_id,
+                                                      inputs)
+            logger.info(f"{stage}: {states[stage]}")
+            if stage == "evaluate":
+                report = read_json(paths.metrics_file("eval"), produced_by="evaluate")
+                url, note = mlflow_run_url(tracking_uri, parent.experiment_id, parent.run_id)
+                create_markdown_artifact(key="rlhf-eval",
+                                         markdown=eval_markdown(report, states, url),
+                                         description="Held-out evaluation: policy vs reference")
+                create_link_artifact(key="rlhf-mlflow-run", link=url,
+                                     link_text=f"MLflow run {parent.run_id}",
+                                     description=f"The pipeline's parent run in MLflow ({note})")
+                if report["policy"].get("pass_at_k"):
+                    create_table_artifact(key="rlhf-pass-at-k", table=pass_at_k_table(report),
+                                          description="pass@k on held-out prompts (unbiased "
+                                                      "estimator), policy vs reference")
+        headline = _headline(report)
+        parent.log_metrics({f"eval/{k}": float(v) for k, v in headline.items()})
+        parent.set_tags({"stages.cached": ",".join(s for s in STAGES if states[s] == "Cached"),
+                         "registry.version": results["register"]["metrics"]["version"]})
+
+    dvc_recorded = dvc.record(project)
+    registered = results["register"]["metrics"]
+    alias = registered.get("alias", "candidate")
+    return {
+        "eval": headline,
+        "model_name": registered["model_name"],
+        "model_version": registered["version"],
+        "model_alias": alias,
+        "mlflow_run_id": parent.run_id,
+        "mlflow_experiment_id": parent.experiment_id,
+        "mlflow_run_url": url,
+        "mlflow_tracking_uri": redact_value(tracking_uri),
+        "prefect_flow_run_id": str(flow_run_id),
+        "prefect_flow_run_name": flow_run_name,
+        "stages": states,
+        "dvc_recorded": dvc_recorded,
+        "where": {
+            "metrics": str(paths.metrics),
+            "plots": str(paths.plots),
+            "policy": str(paths.policy),
+            "mlflow": url,
+            "registry": f"models:/{registered['model_name']}@{alias}",
+            "prefect_cache": str(project / RESULTS_DIR),
+        },
+    }
+
+
+@flow(name="promote")
+def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None,
+                 root: str = ".") -> dict:
+    """Judge a model version (default: the `candidate`) with the gate in params `promote`;
+    move the `champion` alias to it if it passes. Returns the decision as a dict."""
+    from mlflow.exceptions import MlflowException
+
+    from rlhf.mlops import registry
+    from rlhf.mlops.mlflow_tracking import configure
+
+    params = load_params(params_file)
+    configure(Path(root).resolve())
+    name = params.registry.model_name
+    gate = registry.PromotionGate(**params.promote.model_dump())
+    try:
+        decision = registry.promote(name, version, gate)
+    except ValueError as exc:
+        raise UserError(f"{exc}; run the pipeline first (`rlhf run`)") from None
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise UserError(f"no registered model {name!r} (or version {version}) in the "
+                            f"MLflow registry; run the pipeline first (`rlhf run`)") from None
+        raise
+    result = {"model_name": name, **dataclasses.asdict(decision)}
+    verdict = "promoted to champion" if decision.promoted else "not promoted"
+    lines = [f"# {name} version {decision.version}: {verdict}", "",
+             f"Previous champion: {decision.previous_champion or 'none'}", ""]
+    lines += [f"- passed: {line}" for line in decision.passed]
+    lines += [f"- **failed**: {line}" for line in decision.reasons]
+    create_markdown_artifact(key="rlhf-promotion", markdown="\n".join(lines) + "\n",
+                             description=f"Promotion gate for {name} v{decision.version}")
+    return result
+
+
+def run_pipeline(params_file: str = "params.yaml", overrides: Optional[list[str]] = None,
+                 root: str = ".") -> dict:
+    """Run the `rlhf-pipeline` flow now, in this process (what `rlhf run` calls)."""
+    return rlhf_pipeline(params_file=params_file, overrides=list(overrides or []), root=root)
+
+
+def serve_pipeline(cron: str, params_file: str = "params.yaml",
+                   overrides: Optional[list[str]] = None, root: str = ".",
+                   name: str = "rlhf-pipeline-scheduled") -> None:
+    """Serve `rlhf-pipeline` on a cron schedule until interrupted (what `rlhf serve` calls).
+
+    Paths are made absolute so each scheduled run finds the project wherever the runner
+    starts it. Needs a Prefect server (`prefect server start`, PREFECT_API_URL).
+    """
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron)
+    except ValidationError:
+        raise UserError(f"cron {cron!r} is not a valid cron expression "
+                        "(e.g. '0 3 * * *')") from None
+    load_params(params_file, overrides or [])
+    parameters = {"params_file": str(Path(params_file).resolve()),
+                  "overrides": list(overrides or []), "root": str(Path(root).resolve())}
+    rlhf_pipeline.serve(name=name, cron=cron, parameters=parameters)

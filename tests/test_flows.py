@@ -1,0 +1,425 @@
+"""The Prefect flows for real: a temporary Prefect server, an MLflow SQLite store in a
+temporary project, the tiny profile. No mocks.
+
+(a)-(c) run the flow in this process against `prefect_test_harness`. (d) and (e) need a server
+that runs Prefect's scheduler (the harness's ephemeral server does not), so they start
+`prefect server start` on a free port, then serve / deploy against it from subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO, TINY_OVERRIDES
+
+prefect = pytest.importorskip("prefect")
+mlflow = pytest.importorskip("mlflow")
+
+from mlflow import MlflowClient  # noqa: E402
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId,  # noqa: E402
+                                            FlowRunFilter, FlowRunFilterId)
+from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from flows.pipeline import (OPTIONAL_OUTPUTS, OUTPUTS, RESULTS_DIR, STAGE_PARAMS,  # noqa: E402
+                            STAGES, UPSTREAM, promote_flow, rlhf_pipeline)
+from rlhf.errors import ParamsError  # noqa: E402
+
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+UPSTREAM_STAGES = ("prepare", "sft", "reward", "reference")
+DOWNSTREAM_STAGES = ("ppo", "evaluate", "register")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server (SQLite) for the whole session."""
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, prefect_harness):
+    """A project directory with the repo's params.yaml; MLflow's store is its mlflow.db."""
+    root = tmp_path_factory.mktemp("flow-project")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    old_uris = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    # mlflow.set_tracking_uri/set_registry_uri (called by the flow) also write these variables.
+    old_env = {key: os.environ.get(key) for key in MLFLOW_ENV}
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    try:
+        yield root
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(old_uris[0])
+        mlflow.set_registry_uri(old_uris[1])
+        for key, value in old_env.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+def run_flow(root: Path, overrides: list[str] | None = None) -> dict:
+    return rlhf_pipeline(params_file=str(root / "params.yaml"), overrides=overrides,
+                         root=str(root))
+
+
+def output_mtimes(root: Path, stages) -> dict[str, int]:
+    mtimes = {}
+    for stage in stages:
+        for rel in OUTPUTS[stage] + OPTIONAL_OUTPUTS.get(stage, ()):
+            base = root / rel
+            for path in [base, *base.rglob("*")] if base.is_dir() else [base]:
+                mtimes[str(path.relative_to(root))] = path.stat().st_mtime_ns
+    return mtimes
+
+
+def task_run_states(flow_run_id: str, expected: int, timeout: float = 20.0) -> dict[str, str]:
+    """Task run name -> state name, as the server recorded them (recording is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            states = {run.name: run.state.name for run in runs if run.state}
+            done = len(states) >= expected and all(
+                s in ("Completed", "Cached", "Failed") for s in states.values())
+            if done or time.monotonic() > deadline:
+                return states
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def first_run(project):
+    started = time.monotonic()
+    summary = run_flow(project, TINY_OVERRIDES)
+    return summary, time.monotonic() - started
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) the pipeline completes, registers a model, leaves artifacts and MLflow runs
+
+
+def test_pipeline_runs_every_stage_and_registers(first_run, project):
+    summary, _ = first_run
+    assert summary["stages"] == {stage: "Completed" for stage in STAGES}
+    assert summary["model_name"] == "rlhf-policy"
+    assert summary["model_version"] >= 1
+    assert 0.0 <= summary["eval"]["gold_reward"] <= 1.0 and "pass_at_1" in summary["eval"]
+    assert summary["mlflow_run_url"] == (
+        f"http://127.0.0.1:5000/#/experiments/{summary['mlflow_experiment_id']}"
+        f"/runs/{summary['mlflow_run_id']}")
+    registered = json.loads((project / "metrics" / "register.json").read_text())
+    assert registered["version"] == summary["model_version"]
+    # The overrides were written into the params file, so it describes what was produced.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["ppo"]["steps"] == 2 and params["model"]["n_layer"] == 1
+    assert len(list((project / RESULTS_DIR).iterdir())) == len(STAGES)
+
+
+def test_pipeline_creates_artifacts(first_run):
+    summary, _ = first_run
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[summary["prefect_flow_run_id"]])))
+    by_key = {artifact.key: artifact for artifact in artifacts}
+    assert {"rlhf-eval", "rlhf-mlflow-run", "rlhf-pass-at-k"} <= set(by_key)
+    assert by_key["rlhf-eval"].type == "markdown"
+    assert "gold_reward" in by_key["rlhf-eval"].data
+    # Prefect 3 stores a link artifact as markdown: "[text](url)".
+    assert f"({summary['mlflow_run_url']})" in by_key["rlhf-mlflow-run"].data
+    assert "mlflow ui --backend-store-uri sqlite:///" in by_key["rlhf-mlflow-run"].description
+    assert by_key["rlhf-pass-at-k"].type == "table"
+    rows = json.loads(by_key["rlhf-pass-at-k"].data)
+    assert [row["k"] for row in rows] == [1, 2, 4, 8]
+    assert set(rows[0]) == {"k", "policy", "reference"}
+
+
+def test_mlflow_parent_run_with_nested_stage_runs(first_run):
+    summary, _ = first_run
+    client = MlflowClient()
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_id"] == summary["prefect_flow_run_id"]
+    assert parent.data.tags["prefect.flow_run_name"] == summary["prefect_flow_run_name"]
+    assert "eval/gold_reward" in parent.data.metrics
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(run.info.run_name for run in children) == sorted(STAGES)
+    assert all(run.info.status == "FINISHED" for run in children)
+    ppo_run = next(run for run in children if run.info.run_name == "ppo")
+    history = client.get_metric_history(ppo_run.info.run_id, "objective/kl")
+    assert sorted({metric.step for metric in history}) == [1, 2]
+
+
+def test_promote_flow_returns_the_decision(first_run, project):
+    summary, _ = first_run
+    decision = promote_flow(params_file=str(project / "params.yaml"), root=str(project))
+    assert decision["version"] == summary["model_version"]
+    assert decision["model_name"] == "rlhf-policy"
+    assert isinstance(decision["promoted"], bool)
+    assert decision["promoted"] == (not decision["reasons"])
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) caching: nothing reruns when nothing changed; a param reruns exactly its stage and below
+
+
+def test_unchanged_second_run_is_cached(first_run, project):
+    summary, first_seconds = first_run
+    before = output_mtimes(project, STAGES)
+    started = time.monotonic()
+    again = run_flow(project, TINY_OVERRIDES)
+    seconds = time.monotonic() - started
+    assert again["stages"] == {stage: "Cached" for stage in STAGES}
+    assert output_mtimes(project, STAGES) == before
+    assert again["model_version"] == summary["model_version"]
+    assert again["eval"] == summary["eval"]
+    assert task_run_states(again["prefect_flow_run_id"], len(STAGES)) == {
+        stage: "Cached" for stage in STAGES}
+    assert seconds < first_seconds
+    # A cached stage opens no MLflow run; the parent says which stages were cached.
+    parent = MlflowClient().get_run(again["mlflow_run_id"])
+    assert parent.data.tags["stages.cached"] == ",".join(STAGES)
+
+
+def test_cache_is_not_used_when_outputs_are_missing_or_changed(first_run, project):
+    """A deleted output reruns its stage; an output edited by hand is recomputed. Identical
+    bytes out of a rerun leave the stages below cached (keys hash input contents)."""
+    shutil.rmtree(project / "models" / "reference")
+    eval_file = project / "metrics" / "eval.json"
+    original = eval_file.read_bytes()
+    eval_file.write_text('{"edited": "by hand"}\n')
+    summary = run_flow(project)
+    assert summary["stages"]["reference"] == "Completed"
+    assert summary["stages"]["evaluate"] == "Completed"
+    assert eval_file.read_bytes() == original
+    for stage in ("prepare", "sft", "reward", "ppo"):
+        assert summary["stages"][stage] == "Cached", stage
+
+
+def test_changing_kl_coef_reruns_only_ppo_and_below(first_run, project):
+    summary, _ = first_run
+    before = output_mtimes(project, UPSTREAM_STAGES)
+    policy_before = output_mtimes(project, ["ppo"])
+    changed = run_flow(project, ["ppo.kl_coef=0.05"])
+    assert changed["stages"] == {**{s: "Cached" for s in UPSTREAM_STAGES},
+                                 **{s: "Completed" for s in DOWNSTREAM_STAGES}}
+    assert output_mtimes(project, UPSTREAM_STAGES) == before
+    assert output_mtimes(project, ["ppo"]) != policy_before
+    assert changed["model_version"] > summary["model_version"]
+    assert yaml.safe_load((project / "params.yaml").read_text())["ppo"]["kl_coef"] == 0.05
+    children = MlflowClient().search_runs(
+        [changed["mlflow_experiment_id"]],
+        filter_string=f"tags.mlflow.parentRunId = '{changed['mlflow_run_id']}'")
+    assert sorted(run.info.run_name for run in children) == sorted(DOWNSTREAM_STAGES)
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) bad params end the flow before any task, with the one-line message
+
+
+def test_params_error_fails_before_any_task(project):
+    params_before = (project / "params.yaml").read_bytes()
+    state = rlhf_pipeline(params_file=str(project / "params.yaml"),
+                          overrides=["ppo.kl_coef=-1"], root=str(project), return_state=True)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ParamsError)
+    assert "ppo.kl_coef" in str(error) and "\n" not in str(error)
+    assert (project / "params.yaml").read_bytes() == params_before
+    time.sleep(1.0)  # task runs are recorded asynchronously: give any a chance to appear
+    assert task_run_states(str(state.state_details.flow_run_id), 0, timeout=0) == {}
+
+
+def test_stage_params_cover_dvc_yaml():
+    """The flow's cache keys cover every param, dependency and output dvc.yaml declares."""
+    dvc_stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert set(dvc_stages) == set(STAGES)
+    produced_by = {}
+    for stage, spec in dvc_stages.items():
+        outs = [next(iter(o)) if isinstance(o, dict) else o
+                for kind in ("outs", "metrics", "plots") for o in spec.get(kind, [])]
+        assert set(outs) == set(OUTPUTS[stage] + OPTIONAL_OUTPUTS.get(stage, ())), stage
+        produced_by.update({out: stage for out in outs})
+    for stage, spec in dvc_stages.items():
+        declared = set(STAGE_PARAMS[stage])
+        for param in spec.get("params", []):
+            section = param.split(".")[0]
+            assert param in declared or section in declared, (stage, param)
+        upstream = {produced_by[dep] for dep in spec.get("deps", []) if dep in produced_by}
+        assert upstream == set(UPSTREAM[stage]), stage
+
+
+# ---------------------------------------------------------------------------------------------
+# (d), (e): a real Prefect server, a served schedule, a deployment run by a worker
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM the process group this test started (serve's flow-run children included)."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory):
+    """`prefect server start` (scheduler included) on a free port, SQLite in a temp dir."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home / "home"),
+           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+           "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = home / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+             "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    client_env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(home / "client"),
+                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RLHF_NO_PROGRESS": "1",
+                  "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, f"prefect server exited:\n{_tail(log)}"
+            assert time.monotonic() < deadline, f"prefect server not ready:\n{_tail(log)}"
+            time.sleep(0.5)
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url, client_env, home
+    finally:
+        _stop(server)
+
+
+def _flow_runs(deployment_id) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+
+
+@pytest.mark.slow
+def test_cron_schedule_fires_and_the_run_completes(real_server, tmp_path):
+    """`serve_pipeline` with cron `* * * * *`: a run the scheduler created reaches Completed."""
+    _, env, _ = real_server
+    root = tmp_path / "served"
+    root.mkdir()
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    env.pop("MLFLOW_REGISTRY_URI", None)
+    script = ("import json, sys; from flows.pipeline import serve_pipeline; "
+              "serve_pipeline('* * * * *', sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], "
+              "name='test-schedule')")
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        serve = subprocess.Popen(
+            [sys.executable, "-c", script, str(root / "params.yaml"), json.dumps(TINY_OVERRIDES),
+             str(root)], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        deployment = None
+        while deployment is None:
+            assert serve.poll() is None, f"serve exited:\n{_tail(log)}"
+            assert time.monotonic() < deadline, f"no deployment:\n{_tail(log)}"
+            with get_client(sync_client=True) as client:
+                try:
+                    deployment = client.read_deployment_by_name("rlhf-pipeline/test-schedule")
+                except prefect.exceptions.ObjectNotFound:
+                    time.sleep(1)
+        assert deployment.schedules[0].schedule.cron == "* * * * *"
+        while True:
+            runs = [run for run in _flow_runs(deployment.id) if run.auto_scheduled]
+            finished = [run for run in runs if run.state and run.state.is_final()]
+            if finished:
+                break
+            assert serve.poll() is None, f"serve exited:\n{_tail(log)}"
+            assert time.monotonic() < deadline, (
+                f"no scheduled run finished in 150 s: {[(r.name, r.state_name) for r in runs]}"
+                f"\n{_tail(log)}")
+            time.sleep(2)
+        run = finished[0]
+        assert run.state.is_completed(), f"{run.state}\n{_tail(log)}"
+        assert run.parameters["root"] == str(root)
+        assert json.loads((root / "metrics" / "register.json").read_text())["version"] == 1
+    finally:
+        _stop(serve)  # before the server, or serve hangs pausing its deployment
+
+
+@pytest.mark.slow
+def test_prefect_yaml_deploys_to_a_process_worker(real_server, project, first_run, tmp_path):
+    """prefect.yaml as a user would use it, from the project directory."""
+    _, env, _ = real_server
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    env.pop("MLFLOW_REGISTRY_URI", None)
+    shutil.copy(REPO / "prefect.yaml", project / "prefect.yaml")
+    shutil.copytree(REPO / "flows", project / "flows",
+                    ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+
+    def prefect_cli(*args, cwd=project, timeout=120):
+        result = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=cwd, env=env,
+                                capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, (
+            f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}")
+        return result.stdout
+
+    prefect_cli("work-pool", "create", "local", "--type", "process")
+    prefect_cli("--no-prompt", "deploy", "--name", "scheduled")
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("rlhf-pipeline/scheduled")
+    assert deployment.work_pool_name == "local"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    (step,) = deployment.pull_steps
+    directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
+    assert Path(directory).resolve() == project.resolve()
+
+    prefect_cli("deployment", "run", "rlhf-pipeline/scheduled")
+    # The worker starts elsewhere: the pull step moves the run into the project.
+    prefect_cli("worker", "start", "--pool", "local", "--run-once", cwd=tmp_path, timeout=300)
+    manual = [run for run in _flow_runs(deployment.id) if not run.auto_scheduled]
+    assert len(manual) == 1
+    assert manual[0].state.is_completed(), manual[0].state
+    # A new process computes the same cache keys: every stage is a cache hit.
+    assert task_run_states(str(manual[0].id), len(STAGES)) == {s: "Cached" for s in STAGES}
