@@ -212,3 +212,15 @@ def test_promote_then_refuse(registered):
 def test_alias_version_of_a_missing_model_raises(store):
     with pytest.raises(mlflow.exceptions.MlflowException):
         registry.alias_version("no-such-model", "champion")
+
+
+def test_configure_follows_the_project_not_the_last_configured_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    first = mt.configure(tmp_path / "a")
+    second = mt.configure(tmp_path / "b")
+    assert first.endswith("a/mlflow.db") and second.endswith("b/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.team:5000")
+    assert mt.configure(tmp_path / "c") == "http://mlflow.team:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    mt.configure(tmp_path / "d")  # leave MLflow on a local store for the tests after this one

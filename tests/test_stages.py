@@ -172,3 +172,16 @@ def test_atomic_dir_keeps_the_old_output_when_writing_fails(tmp_path):
             raise RuntimeError("crash mid-write")
     assert (target / "a.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_writes_keep_ordinary_file_modes(tmp_path):
+    from rlhf.io import atomic_write_text
+
+    fresh = tmp_path / "fresh.txt"
+    atomic_write_text(fresh, "x")
+    assert fresh.stat().st_mode & 0o044  # readable by group/others, like any new file
+    shared = tmp_path / "params.yaml"
+    shared.write_text("a: 1\n")
+    shared.chmod(0o664)
+    atomic_write_text(shared, "a: 2\n")
+    assert shared.stat().st_mode & 0o777 == 0o664

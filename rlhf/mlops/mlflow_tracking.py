@@ -50,19 +50,32 @@ _SECRET_VALUES = [
 _URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*):(?P<pw>[^@/\s]*)@")
 
 
+# MLflow's set_tracking_uri/set_registry_uri also write MLFLOW_*_URI into os.environ. What
+# `configure` wrote there is remembered, so a later call for another project is not mistaken
+# for a user's setting.
+_written_by_configure: dict[str, str] = {}
+
+
+def _user_setting(name: str) -> str | None:
+    value = os.environ.get(name)
+    return None if not value or value == _written_by_configure.get(name) else value
+
+
 def tracking_uri(project_root: Path) -> str:
-    """`MLFLOW_TRACKING_URI` if set, else a SQLite store `mlflow.db` in the project root."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{Path(project_root).resolve() / 'mlflow.db'}"
+    """`MLFLOW_TRACKING_URI` if the user set it, else a SQLite store `mlflow.db` in the root."""
+    return (_user_setting("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{Path(project_root).resolve() / 'mlflow.db'}")
 
 
 def configure(project_root: Path) -> str:
     """Point MLflow's tracking (and, unless `MLFLOW_REGISTRY_URI` is set, registry) at the store."""
     uri = tracking_uri(project_root)
+    registry_uri = _user_setting("MLFLOW_REGISTRY_URI") or uri
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    mlflow.set_registry_uri(registry_uri)
+    for name, value in (("MLFLOW_TRACKING_URI", uri), ("MLFLOW_REGISTRY_URI", registry_uri)):
+        if os.environ.get(name) == value:
+            _written_by_configure[name] = value
     return uri
 
 
