@@ -227,8 +227,9 @@ def _run_stage(stage: str, params: dict, root: str, parent_run_id: str,
         if stage == "register":
             from rlhf.mlops.register import register
 
+            lineage = {f"content.{name}": value for name, value in (inputs or {}).items()}
             metrics = register(parsed, paths, parent_run_id=logger.run_id,
-                               tags={"prefect.flow_run_id": current_flow_run.id})
+                               tags={"prefect.flow_run_id": current_flow_run.id, **lineage})
         else:
             metrics = stages.get(stage)(parsed, paths, logger)
     return {
@@ -426,6 +427,9 @@ def rlhf_pipeline(params_file: str = "params.yaml", overrides: Optional[list[str
             inputs.update(_external_inputs(params, project) if stage in ("prepare", "sft") else {})
             if stage == "register":
                 inputs["mlflow_store"] = store_hash
+                # Record the trained stages in dvc.lock first, so the version's lineage tags
+                # carry this run's DVC content hashes, not the previous run's.
+                dvc.record(project, [s for s in STAGES if s != "register"])
             results[stage], states[stage] = _run_task(stage, params, project, parent.run_id,
                                                       inputs)
             logger.info(f"{stage}: {states[stage]}")
@@ -447,7 +451,7 @@ def rlhf_pipeline(params_file: str = "params.yaml", overrides: Optional[list[str
         parent.set_tags({"stages.cached": ",".join(s for s in STAGES if states[s] == "Cached"),
                          "registry.version": results["register"]["metrics"]["version"]})
 
-    dvc_recorded = dvc.record(project)
+    dvc_recorded = dvc.record(project, ["register"])
     registered = results["register"]["metrics"]
     alias = registered.get("alias", "candidate")
     return {
