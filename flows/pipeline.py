@@ -449,7 +449,8 @@ def rlhf_pipeline(params_file: str = "params.yaml", overrides: Optional[list[str
         headline = _headline(report)
         parent.log_metrics({f"eval/{k}": float(v) for k, v in headline.items()})
         parent.set_tags({"stages.cached": ",".join(s for s in STAGES if states[s] == "Cached"),
-                         "registry.version": results["register"]["metrics"]["version"]})
+                         "registry.version": results["register"]["metrics"]["version"],
+                         **dvc.artifact_hashes(project)})
 
     dvc_recorded = dvc.record(project, ["register"])
     registered = results["register"]["metrics"]

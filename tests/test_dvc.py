@@ -1,0 +1,110 @@
+"""The pipeline in a real DVC repository (a temp git repo): what a user does after cloning.
+
+`rlhf run` (the Prefect flow, through the CLI) leaves `dvc status` clean; `dvc repro` then has
+nothing to do; `dvc exp run -S ppo.kl_coef=...` reruns ppo, evaluate and register only;
+`dvc metrics diff` and `dvc plots show` work; `rlhf promote` refuses a version that fails the
+gate and promotes one that passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from rlhf.config import write_overrides
+
+from .conftest import REPO, TINY_OVERRIDES
+
+pytestmark = pytest.mark.slow
+
+
+def sh(*command: str, cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}:\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> tuple[Path, dict]:
+    """A clone-like copy of this repository (tracked files only) with the tiny profile."""
+    root = tmp_path_factory.mktemp("clone")
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    write_overrides(root / "params.yaml", TINY_OVERRIDES)
+    env = {**os.environ, "PREFECT_HOME": str(root / ".prefect-home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RLHF_NO_PROGRESS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
+        env.pop(name, None)
+    sh("git", "init", "-q", cwd=root, env=env)
+    (root / ".gitignore").write_text((root / ".gitignore").read_text() + "/.prefect-home/\n")
+    assert (root / ".dvc").is_dir(), "the repository ships an initialised .dvc/"
+    sh("git", "add", "-A", cwd=root, env=env)
+    sh("git", "commit", "-qm", "clone", cwd=root, env=env)
+    return root, env
+
+
+@pytest.fixture(scope="module")
+def after_run(repo):
+    root, env = repo
+    result = sh("rlhf", "run", cwd=root, env=env)
+    return root, env, result
+
+
+def test_rlhf_run_registers_and_leaves_dvc_clean(after_run):
+    root, env, result = after_run
+    assert "model version: rlhf-policy v1" in result.stdout
+    assert json.loads((root / "metrics/register.json").read_text())["version"] == 1
+    assert "pass_at_k" in json.loads((root / "metrics/eval.json").read_text())["policy"]
+    status = sh("dvc", "status", cwd=root, env=env)
+    assert "Data and pipelines are up to date" in status.stdout
+    repro = sh("dvc", "repro", cwd=root, env=env)
+    assert "Running stage" not in repro.stdout
+    assert "Data and pipelines are up to date" in repro.stdout
+
+
+def test_exp_run_reruns_only_what_depends_on_kl_coef(after_run):
+    root, env, _ = after_run
+    sh("git", "add", "-A", cwd=root, env=env)
+    sh("git", "commit", "-qm", "first run", cwd=root, env=env)
+    result = sh("dvc", "exp", "run", "-S", "ppo.kl_coef=0.3", cwd=root, env=env)
+    ran = {line.split("'")[1] for line in result.stdout.splitlines()
+           if line.startswith("Running stage")}
+    skipped = {line.split("'")[1] for line in result.stdout.splitlines()
+               if "didn't change, skipping" in line}
+    assert ran == {"ppo", "evaluate", "register"}
+    assert skipped == {"prepare", "sft", "reward", "reference"}
+    assert json.loads((root / "metrics/register.json").read_text())["version"] == 2
+    diff = sh("dvc", "metrics", "diff", "--json", cwd=root, env=env)
+    assert "metrics/eval.json" in json.loads(diff.stdout)
+    plots = sh("dvc", "plots", "show", "-o", str(root / "dvc_plots"), cwd=root, env=env)
+    assert (root / "dvc_plots" / "index.html").exists(), plots.stdout
+
+
+def test_promote_refuses_a_failing_version_and_promotes_a_passing_one(after_run):
+    root, env, _ = after_run
+    strict = root / "strict.yaml"
+    shutil.copy(root / "params.yaml", strict)
+    write_overrides(strict, ["promote.min_gold_reward=1.0", "promote.min_gold_ratio_vs_reference=0"])
+    refused = sh("rlhf", "promote", "--version", "1", "--params", str(strict), cwd=root,
+                 env=env, check=False)
+    assert refused.returncode == 1
+    assert "not promoted" in refused.stderr and "gold reward" in refused.stderr
+    lenient = root / "lenient.yaml"
+    shutil.copy(root / "params.yaml", lenient)
+    write_overrides(lenient, ["promote.min_gold_ratio_vs_reference=0"])
+    promoted = sh("rlhf", "promote", "--version", "1", "--params", str(lenient), cwd=root,
+                  env=env)
+    assert "promoted version 1 to champion" in promoted.stdout
