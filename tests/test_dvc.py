@@ -108,3 +108,21 @@ def test_promote_refuses_a_failing_version_and_promotes_a_passing_one(after_run)
     promoted = sh("rlhf", "promote", "--version", "1", "--params", str(lenient), cwd=root,
                   env=env)
     assert "promoted version 1 to champion" in promoted.stdout
+
+
+def test_parent_run_and_model_version_carry_lineage(after_run):
+    from mlflow import MlflowClient
+
+    root, _, _ = after_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db",
+                          registry_uri=f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("rlhf")
+    parents = client.search_runs([experiment.experiment_id],
+                                 filter_string="tags.`prefect.flow_name` = 'rlhf-pipeline'")
+    tags = parents[-1].data.tags
+    for key in ("git.commit", "params.digest", "prefect.flow_run_id", "dvc.data/prepared",
+                "dvc.models/policy"):
+        assert tags.get(key), key
+    version = client.get_model_version("rlhf-policy", "1")
+    assert version.tags["dvc.models/policy"] == tags["dvc.models/policy"]
+    assert "eval.policy.gold_reward" in version.tags and "git.commit" in version.tags
