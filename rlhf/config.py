@@ -12,10 +12,11 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from rlhf.errors import ParamsError
 
@@ -112,6 +113,44 @@ class ModelConfig(Section):
     """Builtin model: longest sequence (prompt + response) in tokens."""
     seed: int = 0
     """Seed of the builtin model's random initialisation."""
+    lora: bool = False
+    """Train LoRA adapters (peft) on a frozen base in sft, reward and ppo instead of every weight."""
+    lora_r: int = Field(16, ge=1)
+    """LoRA rank: width of each adapter's low-rank update."""
+    lora_alpha: int = Field(32, ge=1)
+    """LoRA alpha: the adapter update is scaled by lora_alpha / lora_r."""
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapters' input in sft and reward (ppo runs without dropout)."""
+    lora_target_modules: Optional[Union[str, list[str]]] = None
+    """Modules that get adapters: a list of names, `all-linear`, or null for peft's default for the architecture."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass of the trained models (less memory, slower; turns use_cache off while training)."""
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _target_modules_type(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return value
+        raise ValueError(
+            f"model.lora_target_modules ({value!r}) must be a list of module names, "
+            "`all-linear`, or null for peft's default for the architecture"
+        )
+
+    @model_validator(mode="after")
+    def _target_modules(self) -> "ModelConfig":
+        targets = self.lora_target_modules
+        if isinstance(targets, str) and targets != "all-linear":
+            raise ValueError(
+                f"model.lora_target_modules ({targets!r}) must be a list of module names, "
+                "`all-linear`, or null for peft's default for the architecture"
+            )
+        if isinstance(targets, list) and (not targets or not all(t.strip() for t in targets)):
+            raise ValueError(
+                f"model.lora_target_modules ({targets!r}) must name at least one module and no "
+                "empty names; or set it to null for peft's default for the architecture"
+            )
+        return self
 
 
 class TrainConfig(Section):
@@ -230,6 +269,8 @@ class EvalConfig(Section):
     """Sequences per generation batch."""
     kl_budget: float = Field(5.0, gt=0, le=5.0)
     """Largest allowed KL(policy || reference), summed over a response's tokens, in nats."""
+    max_prompts: Optional[int] = Field(None, ge=1)
+    """Evaluate at most this many eval prompts, a sample seeded by data.seed (null evaluates them all)."""
 
     @model_validator(mode="after")
     def _enough_samples(self) -> "EvalConfig":

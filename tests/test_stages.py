@@ -12,7 +12,7 @@ import pytest
 
 from rlhf import stages
 from rlhf.config import load_params
-from rlhf.errors import MissingInputError, UserError
+from rlhf.errors import DataError, MissingInputError, UserError
 from rlhf.io import atomic_dir, sha256_file
 from rlhf.paths import Paths
 from rlhf.tracking import RecordingLogger
@@ -132,6 +132,51 @@ def test_evaluate_reports_pass_at_k_and_plots(pipeline):
     for plot in ("pass_at_k.png", "ppo_reward_kl.png", "reward_vs_kl.png"):
         assert (paths.plots / plot).stat().st_size > 1000
     assert {p.name for p in logs["evaluate"].artifacts} >= {"pass_at_k.png"}
+
+
+def test_evaluate_max_prompts_evaluates_a_seeded_sample(pipeline, tmp_path, monkeypatch):
+    from rlhf.stages import evaluate
+
+    _, paths, _, _ = pipeline
+    subprocess.run(["cp", "-r", str(paths.root / "data"), str(paths.root / "models"),
+                    str(tmp_path)], check=True)
+    seen = []
+    real = evaluate.sample_and_score
+
+    def spy(model, reference, reward_model, tokenizer, prompts, *args, **kwargs):
+        seen.append(list(prompts))
+        return real(model, reference, reward_model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "sample_and_score", spy)
+    params = load_params("params.yaml", TINY_OVERRIDES + ["eval.max_prompts=3"])
+    report = stages.get("evaluate")(params, Paths(tmp_path))
+    everything = [json.loads(line)["prompt"] for line in
+                  (paths.prepared / "eval_prompts.jsonl").read_text().splitlines()]
+    assert report["n_prompts"] == 3 and report["n_prompts_available"] == len(everything) == 8
+    chosen = evaluate.select_prompts(everything, 3, params.data.seed)
+    assert seen == [chosen, chosen]  # policy and reference on the same sampled prompts
+    assert chosen == [p for p in everything if p in chosen]  # in file order
+    assert evaluate.select_prompts(everything, 3, params.data.seed) == chosen  # seeded
+    assert evaluate.select_prompts(everything, 3, params.data.seed + 1) != chosen
+    assert evaluate.select_prompts(everything, 8, 0) == everything
+    assert evaluate.select_prompts(everything, None, 0) == everything
+
+
+def test_too_few_rows_for_one_batch_is_a_data_error_not_a_hang(pipeline, tmp_path):
+    """drop_last leaves no batch when there are fewer rows than batch_size."""
+    _, paths, _, _ = pipeline
+    subprocess.run(["cp", "-r", str(paths.root / "data"), str(paths.root / "models"),
+                    str(tmp_path)], check=True)
+    params = load_params("params.yaml", TINY_OVERRIDES + ["sft.batch_size=401",
+                                                          "reward.batch_size=201"])
+    with pytest.raises(DataError, match=r"^400 SFT demonstrations are fewer than sft.batch_size "
+                                        r"\(401\); lower sft.batch_size to at most 400 or add "
+                                        r"demonstrations$"):
+        stages.get("sft")(params, Paths(tmp_path))
+    with pytest.raises(DataError, match=r"^200 training preference pairs are fewer than "
+                                        r"reward.batch_size \(201\); lower reward.batch_size to "
+                                        r"at most 200 or add pairs$"):
+        stages.get("reward")(params, Paths(tmp_path))
 
 
 def test_ppo_refuses_a_reference_whose_weights_changed(pipeline, tmp_path):

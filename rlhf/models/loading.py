@@ -1,9 +1,23 @@
-"""Loading any causal LM and tokenizer by path, and the scalar-head model used for reward
-and value: a transformer trunk plus a linear head read per token."""
+"""Loading any causal LM and tokenizer by path or hub id, and the scalar-head model used for
+reward and value: a transformer trunk plus a linear head read per token.
+
+Safety: every `from_pretrained` passes `trust_remote_code` (false unless model.trust_remote_code
+says otherwise) and loads weights from safetensors only (`use_safetensors=True`: a pickled
+`.bin` checkpoint can run code when it is loaded). Weights load in float32 whatever dtype they
+were saved in (train.precision autocasts on top of fp32 master weights).
+
+Padding: sequences are padded by the collate functions, never by the tokenizer, so the side is
+explicit at each call: generation left-pads queries (`rlhf.generation`), training batches are
+right-padded, rollouts are left-padded queries followed by right-padded responses. Every forward
+pass gets the attention mask and, where the architecture takes them, position ids counted from
+the first real token, so a sequence scores the same whatever padding surrounds it.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -11,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
+
+from rlhf.errors import UserError
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
@@ -20,23 +36,79 @@ HEAD_META = "score_head.json"
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The tokenizer, left-padding (for generation) and with a pad token."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    """The tokenizer, left-padding (for generation) and with a pad token (its EOS token when
+    it has none: masks come from lengths and the first EOS, never from pad ids)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _load_error("tokenizer", path, exc) from None
+    if tokenizer.eos_token is None:
+        raise UserError(
+            f"the tokenizer of {path} has no EOS token, and responses end with one; use a model "
+            "whose tokenizer defines eos_token (or add it to its tokenizer_config.json)"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
 
 
+def _load_error(what: str, path: str | Path, exc: Exception) -> Exception:
+    """One line for what the user can fix: missing files, no safetensors weights, an
+    unreachable hub id, or code the model needs that trust_remote_code does not allow."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "trust_remote_code" in str(exc):
+        return UserError(
+            f"the {what} at {path} needs its own Python code to load; set "
+            "model.trust_remote_code=true only if you trust that code"
+        )
+    if isinstance(exc, OSError):
+        weights = " (weights are only read from .safetensors files)" if what == "model" else ""
+        return UserError(f"cannot load the {what} at {path} ({detail}); check "
+                         f"model.name_or_path{weights}")
+    return exc
+
+
+def _from_pretrained(auto_class, path: str | Path, trust_remote_code: bool) -> nn.Module:
+    try:
+        return auto_class.from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                          use_safetensors=True, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise _load_error("model", path, exc) from None
+
+
 def load_causal_lm(path: str | Path, trust_remote_code: bool = False) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(
-        str(path), trust_remote_code=trust_remote_code, use_safetensors=True
-    )
+    return _from_pretrained(AutoModelForCausalLM, path, trust_remote_code)
 
 
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that ignore padding on either side: the first real token is position 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+
+
+@lru_cache(maxsize=None)
+def _takes_position_ids(model_class: type) -> bool:
+    return "position_ids" in inspect.signature(model_class.forward).parameters
+
+
+def takes_position_ids(model: nn.Module) -> bool:
+    """Whether the architecture's forward has a `position_ids` argument (GPT-2, Llama, Qwen2,
+    GPT-NeoX, OPT... do; ALiBi models such as Bloom and MPT derive positions from the
+    attention mask and have none). Looks through DDP/FSDP and peft wrappers to the model."""
+    from accelerate.utils import extract_model_from_parallel
+
+    if isinstance(model, nn.Module):
+        model = extract_model_from_parallel(model)
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        model = get_base()
+    return _takes_position_ids(type(model))
+
+
+def position_kwargs(model: nn.Module, attention_mask: torch.Tensor) -> dict:
+    """`{"position_ids": ...}` for architectures that take them, else nothing."""
+    return ({"position_ids": position_ids_from(attention_mask)} if takes_position_ids(model)
+            else {})
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -49,10 +121,28 @@ def lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids_from(attention_mask),
+        **position_kwargs(model, attention_mask),
         use_cache=False,
     )
     return out.logits  # (B, T, V)
+
+
+class AdaptersDisabled:
+    """A peft model with its adapters switched off, i.e. its frozen base: the PPO reference
+    when the policy is LoRA adapters on that base, with no second copy of the weights."""
+
+    def __init__(self, peft_model: nn.Module):
+        self.peft_model = peft_model
+
+    def get_base_model(self) -> nn.Module:
+        return self.peft_model.get_base_model()
+
+    def to(self, *args, **kwargs) -> "AdaptersDisabled":
+        return self  # the weights are the policy's, and move with it
+
+    def __call__(self, *args, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(*args, **kwargs)
 
 
 class ScalarHeadModel(nn.Module):
@@ -75,13 +165,16 @@ class ScalarHeadModel(nn.Module):
     def config(self):
         return self.trunk.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.trunk(
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.trunk(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids_from(attention_mask),
+            **position_kwargs(self.trunk, attention_mask),
             use_cache=False,
         ).last_hidden_state  # (B, T, H)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
         return self.head(hidden).squeeze(-1)  # (B, T)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -92,13 +185,25 @@ class ScalarHeadModel(nn.Module):
     @classmethod
     def from_causal_lm(cls, path: str | Path, trust_remote_code: bool = False) -> "ScalarHeadModel":
         """A fresh head on the trunk of a causal LM (its LM head is dropped)."""
-        trunk = AutoModel.from_pretrained(
-            str(path), trust_remote_code=trust_remote_code, use_safetensors=True
-        )
-        return cls(trunk)
+        return cls(_from_pretrained(AutoModel, path, trust_remote_code))
+
+    def merge_adapters(self) -> "ScalarHeadModel":
+        """Merge LoRA adapters on the trunk into its weights (in place); no-op without any."""
+        from rlhf.models.lora import merged
+
+        self.trunk = merged(self.trunk)
+        return self
+
+    def base_scorer(self) -> "BaseScorer":
+        """The scores of this model as loaded, before its trunk's adapters learn anything:
+        the trunk with its adapters switched off and a frozen copy of the current head. PPO's
+        reward model when the value model is LoRA adapters on a copy of it (one trunk for both)."""
+        return BaseScorer(self)
 
     def save(self, directory: Path) -> None:
+        """The trunk as a plain Hugging Face model (LoRA adapters merged first) and the head."""
         directory = Path(directory)
+        self.merge_adapters()
         self.trunk.save_pretrained(directory)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
                   directory / HEAD_FILE)
@@ -111,3 +216,25 @@ class ScalarHeadModel(nn.Module):
         model.head.load_state_dict(load_file(directory / HEAD_FILE))
         model.score_std = json.loads((directory / HEAD_META).read_text())["score_std"]
         return model
+
+
+class BaseScorer(nn.Module):
+    """Scores from a ScalarHeadModel's trunk with its LoRA adapters disabled and a frozen copy
+    of its head (see `ScalarHeadModel.base_scorer`). Only the head is a submodule here: the
+    trunk belongs to (and is moved, trained and prepared with) the model it was taken from."""
+
+    def __init__(self, model: ScalarHeadModel):
+        super().__init__()
+        self._source = [model]  # a list, so the trunk is not registered as a submodule
+        self.head = nn.Linear(model.head.in_features, 1)
+        self.head.load_state_dict(model.head.state_dict())
+        self.head.to(model.head.weight.device).requires_grad_(False)
+        self.score_std = model.score_std
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        model = self._source[0]
+        with model.trunk.disable_adapter():
+            hidden = model.hidden_states(input_ids, attention_mask)  # (B, T, H)
+        values = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # (B, T)
+        index = last_token_index(attention_mask)
+        return values.gather(1, index[:, None]).squeeze(1)  # (B,)

@@ -7,12 +7,16 @@ win rate pairs its i-th sample with the reference's i-th sample on the same prom
 compares gold rewards (ties count half). The judgement is the gold reward, never the RM
 score, which PPO can exploit.
 
+`eval.max_prompts` caps the number of prompts: a sample seeded by data.seed (the same prompts
+for every run on the same data, so runs stay comparable), kept in file order.
+
 Writes `metrics/eval.json`, `metrics/pass_at_k.csv` and PNG plots in `plots/`.
 """
 
 from __future__ import annotations
 
 import csv
+import random
 from pathlib import Path
 
 import torch
@@ -94,10 +98,20 @@ def summarise(samples: dict[str, list], prompts: list[str], params: Params, gold
     return result
 
 
+def select_prompts(prompts: list[str], max_prompts, seed: int) -> list[str]:
+    """At most `max_prompts` of `prompts`: a seeded sample in the original order (all of them
+    when max_prompts is None or not smaller)."""
+    if max_prompts is None or len(prompts) <= max_prompts:
+        return prompts
+    keep = sorted(random.Random(seed).sample(range(len(prompts)), max_prompts))
+    return [prompts[i] for i in keep]
+
+
 def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> dict:
     trust = params.model.trust_remote_code
-    prompts = [r["prompt"] for r in read_jsonl(paths.prepared / "eval_prompts.jsonl",
-                                               produced_by="prepare")]
+    available = [r["prompt"] for r in read_jsonl(paths.prepared / "eval_prompts.jsonl",
+                                                 produced_by="prepare")]
+    prompts = select_prompts(available, params.eval.max_prompts, params.data.seed)
     read_json(paths.policy / "config.json", produced_by="ppo")
     read_json(paths.reward / "config.json", produced_by="reward")
     reference_stage.verify(paths.reference)
@@ -117,6 +131,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         "policy": summarise(policy_samples, prompts, params, gold),
         "reference": summarise(reference_samples, prompts, params, gold),
         "n_prompts": len(prompts),
+        **({"n_prompts_available": len(available)} if len(prompts) < len(available) else {}),
         "n_samples": params.eval.n_samples,
         "kl_budget": params.eval.kl_budget,
     }

@@ -11,6 +11,16 @@ The math of steps 3-5 lives in `rlhf.rl_math` as pure, unit-tested functions.
 
 Writes `models/policy/`, `metrics/ppo.json`, `metrics/ppo_history.csv` (one row per step,
 for plots) and a resumable checkpoint under `checkpoints/ppo/`.
+
+Dropout is switched off in every model (as TRL does): a sample's log-prob must not depend on
+which forward pass computed it, or the PPO ratio is not 1 before the first update.
+
+With `model.lora`, the policy is LoRA adapters on a frozen base loaded from `models/reference/`
+(whose sha256 is verified), and the reference is that same model with its adapters disabled:
+one copy of the weights. A value model copied from the reward model likewise trains adapters
+(and its head) on the reward model's frozen trunk, and the reward score is that trunk with the
+adapters disabled and the reward head. `models/policy/` gets the adapters merged into the base:
+a plain Hugging Face model, as without LoRA.
 """
 
 from __future__ import annotations
@@ -32,8 +42,9 @@ from rlhf.engine import make_accelerator, save_checkpoint
 from rlhf.errors import DataError
 from rlhf.generation import decode_responses, generate
 from rlhf.io import atomic_dir, atomic_write_text, read_json, read_jsonl, write_json
-from rlhf.models.loading import (ScalarHeadModel, lm_logits, load_causal_lm, load_tokenizer,
-                                 position_ids_from)
+from rlhf.models import lora
+from rlhf.models.loading import (AdaptersDisabled, ScalarHeadModel, lm_logits, load_causal_lm,
+                                 load_tokenizer, position_kwargs)
 from rlhf.paths import Paths
 from rlhf.progress import progress_bar
 from rlhf.stages import reference as reference_stage
@@ -60,7 +71,7 @@ class PolicyAndValue(nn.Module):
             values = self.value_model(input_ids, attention_mask)  # (B, T)
             return logits, values
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids_from(attention_mask),
+                          **position_kwargs(self.policy, attention_mask),
                           output_hidden_states=True, use_cache=False)
         return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
 
@@ -153,9 +164,10 @@ def ppo_update(model: PolicyAndValue, optimizer, accelerator, batch: Rollout,
             loss = pg.loss + cfg.vf_coef * vf.loss - cfg.ent_coef * entropy
             if ptx_batches is not None:
                 demo = ptx_batches()
-                ptx = model.policy(input_ids=demo["input_ids"], attention_mask=demo["attention_mask"],
-                                   position_ids=position_ids_from(demo["attention_mask"]),
-                                   labels=demo["labels"], use_cache=False).loss
+                policy = accelerator.unwrap_model(model).policy
+                ptx = policy(input_ids=demo["input_ids"], attention_mask=demo["attention_mask"],
+                             **position_kwargs(policy, demo["attention_mask"]),
+                             labels=demo["labels"], use_cache=False).loss
                 loss = loss + cfg.ptx_coef * ptx
                 stats["ptx_loss"].append(ptx.item())
             accelerator.backward(loss)
@@ -185,17 +197,46 @@ def prompt_batches(prompts: list[str], batch_size: int, seed: int):
 
 
 def load_models(params: Params, paths: Paths):
-    trust = params.model.trust_remote_code
+    """(tokenizer, policy+value, reference, reward model, reference sha256)."""
+    trust, cfg = params.model.trust_remote_code, params.model
     read_json(paths.sft / "config.json", produced_by="sft")
     read_json(paths.reward / "config.json", produced_by="reward")
     reference_hash = reference_stage.verify(paths.reference)
     tokenizer = load_tokenizer(paths.sft, trust)
-    policy = load_causal_lm(paths.sft, trust)
+    if cfg.lora:
+        return (tokenizer, *load_lora_models(params, paths), reference_hash)
+    policy = lora.prepare_for_training(load_causal_lm(paths.sft, trust), cfg)
     reference = load_causal_lm(paths.reference, trust).eval().requires_grad_(False)
     reward_model = ScalarHeadModel.load(paths.reward, trust).eval().requires_grad_(False)
     value_model = (ScalarHeadModel.load(paths.reward, trust)
                    if params.ppo.value_model == "reward" else None)
+    if value_model is not None:
+        lora.prepare_for_training(value_model.trunk, cfg)
+    for module in (policy, reference, reward_model, value_model):
+        if module is not None:
+            lora.disable_dropout(module)
     return tokenizer, PolicyAndValue(policy, value_model), reference, reward_model, reference_hash
+
+
+def load_lora_models(params: Params, paths: Paths):
+    """LoRA: the policy is adapters on the reference's (sha256-verified) weights, and the
+    reference is the policy with its adapters off; a value model copied from the reward
+    model is adapters on the reward model, whose score is its trunk with the adapters off."""
+    trust, cfg = params.model.trust_remote_code, params.model
+    base = lora.prepare_for_training(load_causal_lm(paths.reference, trust), cfg)
+    policy = lora.disable_dropout(lora.add_adapters(base, cfg, "CAUSAL_LM"))
+    reference = AdaptersDisabled(policy)
+    if params.ppo.value_model == "reward":
+        value_model = ScalarHeadModel.load(paths.reward, trust)
+        lora.prepare_for_training(value_model.trunk, cfg)
+        value_model.trunk = lora.add_adapters(value_model.trunk, cfg)
+        lora.disable_dropout(value_model)
+        reward_model = value_model.base_scorer().eval()
+    else:
+        value_model = None
+        reward_model = lora.disable_dropout(
+            ScalarHeadModel.load(paths.reward, trust).eval().requires_grad_(False))
+    return PolicyAndValue(policy, value_model), reference, reward_model
 
 
 def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> dict:
@@ -208,11 +249,12 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     accelerator = make_accelerator(params.train, seed_offset=2)
     device = accelerator.device
     tokenizer, model, reference, reward_model, reference_hash = load_models(params, paths)
-    reference.to(device)
+    reference.to(device)  # with LoRA: the policy itself, which `prepare` moves
     reward_model.to(device)
     gold = gold_reward_fn(params)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, eps=1e-5, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  eps=1e-5, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, cfg.steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
@@ -290,7 +332,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     metrics = summarise(history)
     if accelerator.is_main_process:
         with atomic_dir(paths.policy) as out:
-            unwrapped.policy.save_pretrained(out)
+            lora.restore_config(lora.merged(unwrapped.policy)).save_pretrained(out)
             tokenizer.save_pretrained(out)
         write_history(history_file, history)
         write_json(paths.metrics_file("ppo"), metrics)

@@ -4,6 +4,10 @@ The SFT trunk with its LM head swapped for a scalar head, read at the last non-p
 token. Loss: -log sigmoid(r(x, y_w) - r(x, y_l)). Only score differences are learned, so
 afterwards the head's bias is shifted until the mean score of SFT samples is 0, and their
 std is recorded. Writes `models/reward/` and `metrics/reward.json`.
+
+With `model.lora`, the trunk is frozen and carries LoRA adapters while the head is trained in
+full; the adapters are merged into the trunk before saving, so `models/reward/` is the same
+plain trunk + head either way.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from rlhf import rl_math as rl
 from rlhf.config import Params
 from rlhf.data.tokenize import collate_sequences, encode, encode_response
 from rlhf.engine import make_accelerator
+from rlhf.errors import DataError
 from rlhf.generation import generate
 from rlhf.io import atomic_dir, read_json, read_jsonl, write_json
+from rlhf.models import lora
 from rlhf.models.loading import ScalarHeadModel, load_causal_lm, load_tokenizer
 from rlhf.paths import Paths
 from rlhf.progress import progress_bar
@@ -62,17 +68,25 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     eval_rows = read_jsonl(paths.prepared / "preference_eval.jsonl", produced_by="prepare")
     manifest = read_json(paths.prepared / "manifest.json", produced_by="prepare")
     read_json(paths.sft / "config.json", produced_by="sft")
+    if len(train_rows) < cfg.batch_size:  # drop_last would leave no batch at all
+        raise DataError(f"{len(train_rows)} training preference pairs are fewer than "
+                        f"reward.batch_size ({cfg.batch_size}); lower reward.batch_size to at "
+                        f"most {len(train_rows)} or add pairs")
     trust = params.model.trust_remote_code
     accelerator = make_accelerator(params.train, seed_offset=1)
     tokenizer = load_tokenizer(paths.sft, trust)
     model = ScalarHeadModel.from_causal_lm(paths.sft, trust)
+    lora.prepare_for_training(model.trunk, params.model)
+    if params.model.lora:
+        model.trunk = lora.add_adapters(model.trunk, params.model)
 
     loader = DataLoader(encode_pairs(tokenizer, train_rows), batch_size=cfg.batch_size,
                         shuffle=True, drop_last=True,
                         collate_fn=lambda b: collate_pairs(b, tokenizer.pad_token_id),
                         generator=torch.Generator().manual_seed(params.train.seed))
     total_steps = max(1, math.ceil(cfg.epochs * len(loader)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -102,7 +116,8 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                 if step >= total_steps:
                     break
 
-    model = accelerator.unwrap_model(model).eval()
+    model = accelerator.unwrap_model(model).merge_adapters().eval()
+    lora.restore_config(model.trunk)
     device = accelerator.device
     margins = score_pairs(model, encode_pairs(tokenizer, eval_rows), tokenizer.pad_token_id, device)
     gold_gap = torch.tensor([r["gold_chosen"] - r["gold_rejected"] for r in eval_rows]

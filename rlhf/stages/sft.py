@@ -2,6 +2,9 @@
 
 Causal-LM loss on the response tokens only (prompt tokens are masked out of the labels).
 Writes the policy initialisation to `models/sft/` and `metrics/sft.json`.
+
+With `model.lora`, the base is frozen and LoRA adapters are trained; they are merged into the
+weights before saving, so `models/sft/` is a plain Hugging Face model either way.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from transformers import get_cosine_schedule_with_warmup
 from rlhf.config import Params
 from rlhf.data.tokenize import collate_sft, encode_sft
 from rlhf.engine import make_accelerator
+from rlhf.errors import DataError
 from rlhf.io import atomic_dir, read_jsonl, write_json
+from rlhf.models import lora
 from rlhf.models.base import resolve_base_model
-from rlhf.models.loading import load_causal_lm, load_tokenizer, position_ids_from
+from rlhf.models.loading import load_causal_lm, load_tokenizer, position_kwargs
 from rlhf.paths import Paths
 from rlhf.progress import progress_bar
 from rlhf.tracking import MetricsLogger, NullLogger
@@ -29,17 +34,25 @@ from rlhf.tracking import MetricsLogger, NullLogger
 def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> dict:
     cfg = params.sft
     rows = read_jsonl(paths.prepared / "sft.jsonl", produced_by="prepare")
+    if len(rows) < cfg.batch_size:  # drop_last would leave no batch at all
+        raise DataError(f"{len(rows)} SFT demonstrations are fewer than sft.batch_size "
+                        f"({cfg.batch_size}); lower sft.batch_size to at most {len(rows)} "
+                        "or add demonstrations")
     accelerator = make_accelerator(params.train)
     base = resolve_base_model(params.model, paths)
     tokenizer = load_tokenizer(base, params.model.trust_remote_code)
-    model = load_causal_lm(base, params.model.trust_remote_code)
+    model = lora.prepare_for_training(load_causal_lm(base, params.model.trust_remote_code),
+                                      params.model)
+    if params.model.lora:
+        model = lora.add_adapters(model, params.model, "CAUSAL_LM")
 
     examples = [encode_sft(tokenizer, row["prompt"], row["completion"]) for row in rows]
     loader = DataLoader(examples, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         collate_fn=partial(collate_sft, pad_token_id=tokenizer.pad_token_id),
                         generator=torch.Generator().manual_seed(params.train.seed))
     total_steps = max(1, math.ceil(cfg.epochs * len(loader)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -51,7 +64,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         while step < total_steps:
             for batch in loader:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=position_ids_from(batch["attention_mask"]),
+                            **position_kwargs(model, batch["attention_mask"]),
                             labels=batch["labels"], use_cache=False)
                 accelerator.backward(out.loss)
                 accelerator.clip_grad_norm_(model.parameters(), 1.0)
@@ -76,7 +89,8 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     }
     if accelerator.is_main_process:
         with atomic_dir(paths.sft) as out:
-            accelerator.unwrap_model(model).save_pretrained(out)
+            trained = lora.restore_config(lora.merged(accelerator.unwrap_model(model)))
+            trained.save_pretrained(out)
             tokenizer.save_pretrained(out)
         write_json(paths.metrics_file("sft"), metrics)
     logger.log_metrics(metrics)
