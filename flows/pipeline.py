@@ -55,16 +55,19 @@ RESULTS_DIR = ".prefect-results"
 
 STAGES = ("prepare", "sft", "reward", "reference", "ppo", "evaluate", "register")
 
+LORA_PARAMS = ("model.lora", "model.lora_r", "model.lora_alpha", "model.lora_dropout",
+               "model.lora_target_modules", "model.gradient_checkpointing")
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     # The base model's tokenizer counts tokens (data.max_length) and renders chat templates.
     "prepare": ("data", "model.name_or_path", "model.trust_remote_code"),
     "sft": ("model", "train", "sft"),
     # The score normalisation samples the SFT policy the way PPO will.
-    "reward": ("model.trust_remote_code", "train", "reward", "ppo.max_new_tokens",
+    "reward": ("model.trust_remote_code", *LORA_PARAMS, "train", "reward", "ppo.max_new_tokens",
                "ppo.temperature"),
     "reference": (),
-    "ppo": ("data.source", "model.trust_remote_code", "train", "ppo"),
-    "evaluate": ("data.source", "model.trust_remote_code", "train", "eval"),
+    "ppo": ("data.source", "model.trust_remote_code", *LORA_PARAMS, "train", "ppo"),
+    # data.seed picks the eval.max_prompts sample.
+    "evaluate": ("data.source", "data.seed", "model.trust_remote_code", "train", "eval"),
     "register": ("registry",),
 }
 """The params (sections or section.key) each stage reads; at least what dvc.yaml lists."""

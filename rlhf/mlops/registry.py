@@ -70,8 +70,10 @@ def register_policy(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # The policy is our own output (a plain transformers model): no remote code, safetensors only.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True,
+                                                 trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     client = MlflowClient()
 
     active = mlflow.active_run()
