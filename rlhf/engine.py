@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from transformers import get_cosine_schedule_with_warmup
 
 from rlhf.config import TrainConfig
 from rlhf.io import atomic_dir
@@ -27,6 +29,20 @@ def make_accelerator(cfg: TrainConfig, seed_offset: int = 0) -> Accelerator:
     # Not Accelerate's own "no": YAML 1.1 dumpers (DVC's `exp run -S`) rewrite it as false.
     mixed_precision = "no" if cfg.precision == "fp32" else cfg.precision
     return Accelerator(cpu=cfg.cpu, mixed_precision=mixed_precision)
+
+
+def adamw_with_cosine_schedule(model: torch.nn.Module, cfg: Any, steps_per_epoch: int):
+    """AdamW over the trainable parameters, with linear warmup then cosine decay over
+    `cfg.epochs` passes of `steps_per_epoch` steps; returns (optimizer, scheduler, total steps).
+
+    `cfg` is a stage section with `epochs`, `lr`, `weight_decay` and `warmup_ratio` (sft, reward).
+    """
+    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    return optimizer, scheduler, total_steps
 
 
 def save_checkpoint(accelerator: Accelerator, directory: Path, state: dict[str, Any]) -> None:

@@ -12,18 +12,16 @@ plain trunk + head either way.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from transformers import get_cosine_schedule_with_warmup
 
 from rlhf import rl_math as rl
 from rlhf.config import Params
 from rlhf.data.tokenize import collate_sequences, encode, encode_response
-from rlhf.engine import make_accelerator
+from rlhf.engine import adamw_with_cosine_schedule, make_accelerator
 from rlhf.errors import DataError
 from rlhf.generation import generate
 from rlhf.io import atomic_dir, read_json, read_jsonl, write_json
@@ -84,11 +82,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                         shuffle=True, drop_last=True,
                         collate_fn=lambda b: collate_pairs(b, tokenizer.pad_token_id),
                         generator=torch.Generator().manual_seed(params.train.seed))
-    total_steps = max(1, math.ceil(cfg.epochs * len(loader)))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    optimizer, scheduler, total_steps = adamw_with_cosine_schedule(model, cfg, len(loader))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     model.train()

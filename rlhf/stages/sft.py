@@ -9,18 +9,16 @@ weights before saving, so `models/sft/` is a plain Hugging Face model either way
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from functools import partial
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import get_cosine_schedule_with_warmup
 
 from rlhf.config import Params
 from rlhf.data.tokenize import collate_sft, encode_sft
-from rlhf.engine import make_accelerator
+from rlhf.engine import adamw_with_cosine_schedule, make_accelerator
 from rlhf.errors import DataError
 from rlhf.io import atomic_dir, read_jsonl, write_json
 from rlhf.models import lora
@@ -50,11 +48,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     loader = DataLoader(examples, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         collate_fn=partial(collate_sft, pad_token_id=tokenizer.pad_token_id),
                         generator=torch.Generator().manual_seed(params.train.seed))
-    total_steps = max(1, math.ceil(cfg.epochs * len(loader)))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    optimizer, scheduler, total_steps = adamw_with_cosine_schedule(model, cfg, len(loader))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     model.train()
