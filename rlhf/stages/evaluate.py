@@ -65,12 +65,16 @@ def sample_and_score(model, reference, reward_model, tokenizer, prompts: list[st
             query_responses = torch.cat([query, responses], 1)
             attention_mask = torch.cat([query_mask, mask.long()], 1)
             width = query.shape[1]
-            logprobs, _ = response_logprobs(lm_logits(model, query_responses, attention_mask),
-                                            responses, width, cfg.temperature)
-            ref_logprobs, _ = response_logprobs(
-                lm_logits(reference, query_responses, attention_mask), responses, width,
-                cfg.temperature)
-            kl = rl.per_token_kl(logprobs, ref_logprobs).masked_fill(~mask, 0.0).sum(1)
+            if model is reference:  # KL of a model to itself is 0: skip two forwards
+                kl = torch.zeros(len(chunk), device=responses.device)
+            else:
+                logprobs, _ = response_logprobs(
+                    lm_logits(model, query_responses, attention_mask), responses, width,
+                    cfg.temperature)
+                ref_logprobs, _ = response_logprobs(
+                    lm_logits(reference, query_responses, attention_mask), responses, width,
+                    cfg.temperature)
+                kl = rl.per_token_kl(logprobs, ref_logprobs).masked_fill(~mask, 0.0).sum(1)
             out["prompt"] += chunk
             out["text"] += decode_responses(tokenizer, responses)
             out["score"] += reward_model.score(query_responses, attention_mask).float().tolist()
