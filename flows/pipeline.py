@@ -359,7 +359,7 @@ def eval_markdown(report: dict, stage_states: dict[str, str], url: str) -> str:
     lines.append(f"- KL to the reference: {_fmt(report['policy']['kl'])} nats "
                  f"(budget {_fmt(report['kl_budget'])}: "
                  f"{'within' if report['kl_within_budget'] else '**EXCEEDED**'})")
-    lines.append(f"- stages: " + ", ".join(f"{name} {state}" for name, state
+    lines.append("- stages: " + ", ".join(f"{name} {state}" for name, state
                                             in stage_states.items()))
     lines.append(f"- MLflow run: {url}")
     return "\n".join(lines) + "\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from rlhf.config import ModelConfig
 from rlhf.data.builtin_sort import ALPHABET

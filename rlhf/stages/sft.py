@@ -9,7 +9,6 @@ weights before saving, so `models/sft/` is a plain Hugging Face model either way
 
 from __future__ import annotations
 
-import random
 import time
 from functools import partial
 
