@@ -30,7 +30,9 @@ PARENT_RUN_ENV = "RLHF_MLFLOW_PARENT_RUN_ID"
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rlhf.redact import redact_text
+
+    err.print(f"[bold red]error:[/] {redact_text(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -85,7 +87,9 @@ def _stage_logger(name, params, paths, parent: Optional[str], track: bool):
         return nullcontext(None)
     from rlhf.mlops import mlflow_tracking as mt
 
-    mt.configure(paths.root)
+    uri = mt.configure(paths.root)
+    mt.ensure_reachable(uri)
+    mt.recover(params.registry.experiment, paths.root)
     if parent:
         return mt.stage_run(name, parent)
     return mt.pipeline_run(params.registry.experiment, params, tags={"stage": name},
@@ -97,20 +101,57 @@ def run(
     params_file: Path = ParamsOption,
     overrides: Optional[List[str]] = SetOption,
     root: Path = RootOption,
+    track: bool = typer.Option(True, help="Track the run in MLflow and register the policy; "
+                                          "--no-track runs the stages without MLflow."),
 ) -> None:
     """Run the whole pipeline now as the Prefect flow `rlhf-pipeline`.
 
-    Overrides are written into the params file first (as `dvc exp run -S` does), so the
-    file, the artifacts and dvc.lock agree afterwards.
+    Overrides are recorded with the run (MLflow params, tag `rlhf.overrides`, the Prefect
+    flow-run parameters, credentials redacted) and written into the params file once the
+    training stages have succeeded (as `dvc exp run -S` does), so the file, the artifacts and
+    dvc.lock agree afterwards and a crash leaves the file as it was.
     """
     from flows.pipeline import run_pipeline
+    from rlhf.mlops.prefect_server import temporary_server
 
     try:
         _load(params_file, overrides)
-        summary = run_pipeline(str(params_file), list(overrides or []), str(root))
+        track = track and _tracking_available()
+        if track:
+            from rlhf.mlops import mlflow_tracking as mt
+
+            # Before Prefect starts: an unreachable server is one line, not a hang.
+            uri = mt.configure(Path(root).resolve())
+            mt.ensure_reachable(uri)
+        with temporary_server(Path(root)):
+            summary = run_pipeline(str(params_file), list(overrides or []), str(root),
+                                   track=track)
     except UserError as exc:
         fail(str(exc))
     print_summary(summary, root)
+
+
+@app.command()
+def sync(root: Path = RootOption) -> None:
+    """Send to MLflow what tracking outages kept on disk (`.rlhf/mlflow-buffer`)."""
+    if not _tracking_available():
+        fail("MLflow is not installed; install the package's MLOps extra")
+    from rlhf.mlops import mlflow_tracking as mt
+
+    mt.configure(Path(root).resolve())
+    results = mt.sync_buffers(Path(root).resolve())
+    if not results:
+        out.print("nothing to sync: no buffered MLflow records")
+        return
+    left = 0
+    for run_id, sent, note in results:
+        if sent is None:
+            left += 1
+            out.print(f"run {run_id}: not sent ({note})", highlight=False)
+        else:
+            out.print(f"run {run_id}: sent {sent} buffered records", highlight=False)
+    if left:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -11,7 +11,7 @@ open in the main thread: MLflow's active-run stack is thread-local, so `stage_ru
 parent explicitly (`parent_run_id=`) and every logger call names its run (`run_id=`) instead
 of relying on "the active run".
 
-Nothing that looks like a credential is ever sent to MLflow: see `redact`.
+Nothing that looks like a credential is ever sent to MLflow: see `rlhf.redact`.
 """
 
 from __future__ import annotations
@@ -20,35 +20,18 @@ import contextlib
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric
 
 from rlhf.config import Params
-
-REDACTED = "<redacted>"
-
-# Words of a key (split on `_ . - /`, spaces and camelCase) that mark its value as a secret.
-_SECRET_WORDS = {
-    "password", "passwd", "pwd", "secret", "token", "key", "apikey", "accesskey",
-    "secretkey", "credential", "credentials", "auth", "authorization", "private",
-    "privatekey", "cookie",
-}  # fmt: skip
-# Values that are secrets whatever their key is called.
-_SECRET_VALUES = [
-    re.compile(r"^\s*(bearer|basic|token)\s+\S+", re.IGNORECASE),  # HTTP auth headers
-    re.compile(r"\bAKIA[0-9A-Z]{16}\b"),  # AWS access key id
-    re.compile(r"\bgh[pousr]_[A-Za-z0-9]{20,}\b"),  # GitHub tokens
-    re.compile(r"\bhf_[A-Za-z0-9]{20,}\b"),  # Hugging Face tokens
-    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
-]
-# scheme://user:password@host -> scheme://user:<redacted>@host
-_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*):(?P<pw>[^@/\s]*)@")
-
+from rlhf.errors import UserError
+from rlhf.mlops import buffered, owner
+from rlhf.redact import REDACTED, is_secret_key, redact, redact_value  # noqa: F401  (re-exported)
 
 # MLflow's set_tracking_uri/set_registry_uri also write MLFLOW_*_URI into os.environ. What
 # `configure` wrote there is remembered, so a later call for another project is not mistaken
@@ -71,41 +54,15 @@ def configure(project_root: Path) -> str:
     """Point MLflow's tracking (and, unless `MLFLOW_REGISTRY_URI` is set, registry) at the store."""
     uri = tracking_uri(project_root)
     registry_uri = _user_setting("MLFLOW_REGISTRY_URI") or uri
+    buffered.set_root(project_root)
+    if uri.startswith(("http://", "https://")):
+        buffered.http_defaults()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(registry_uri)
     for name, value in (("MLFLOW_TRACKING_URI", uri), ("MLFLOW_REGISTRY_URI", registry_uri)):
         if os.environ.get(name) == value:
             _written_by_configure[name] = value
     return uri
-
-
-def _key_words(key: str) -> set[str]:
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", key)
-    return {word for word in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if word}
-
-
-def is_secret_key(key: str) -> bool:
-    """True for keys like `aws_secret_access_key`, `db.password`, `apiKey`, `MLFLOW_TRACKING_TOKEN`.
-
-    Matches whole words, so `eval.max_new_tokens` or `ppo.kl_coef` are not secrets.
-    """
-    return bool(_key_words(key) & _SECRET_WORDS)
-
-
-def redact_value(value: str) -> str:
-    """Hide the password of `scheme://user:pw@host` URIs; hide known token formats entirely."""
-    if any(pattern.search(value) for pattern in _SECRET_VALUES):
-        return REDACTED
-    return _URI_PASSWORD.sub(lambda m: f"{m.group('head')}:{REDACTED}@", value)
-
-
-def redact(items: Mapping[str, Any]) -> dict[str, str]:
-    """Params or tags as strings, with anything that looks like a credential replaced."""
-    clean: dict[str, str] = {}
-    for key, value in items.items():
-        text = "" if value is None else str(value)
-        clean[str(key)] = REDACTED if is_secret_key(str(key)) and text else redact_value(text)
-    return clean
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -135,10 +92,11 @@ class MLflowLogger:
     """A `rlhf.tracking.MetricsLogger` that writes to one MLflow run, named by id.
 
     Every call passes `run_id` explicitly, so the logger works from any thread, whether or
-    not its run is the thread's active run.
+    not its run is the thread's active run. With a project root (`configure` sets one) every
+    write survives an outage: see `rlhf.mlops.buffered`.
     """
 
-    def __init__(self, run_id: str | None = None) -> None:
+    def __init__(self, run_id: str | None = None, project_root: Path | None = None) -> None:
         if run_id is None:
             active = mlflow.active_run()
             if active is None:
@@ -146,38 +104,78 @@ class MLflowLogger:
             run_id = active.info.run_id
         self.run_id = run_id
         self._client = MlflowClient()
+        root = project_root or buffered.current_root()
+        self._buffer = (buffered.RunBuffer(run_id, root, mlflow.get_tracking_uri())
+                        if root is not None else None)
 
     @property
     def experiment_id(self) -> str:
         return self._client.get_run(self.run_id).info.experiment_id
 
+    def _write(self, record: dict) -> None:
+        if self._buffer is None:
+            buffered.send(self._client, self.run_id, record, Path("."))
+        else:
+            self._buffer.write(record, self._client)
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """One batched write; names such as `objective/kl` are kept as they are."""
         timestamp = int(time.time() * 1000)
-        batch = [
-            Metric(key=str(name), value=float(value), timestamp=timestamp, step=step or 0)
-            for name, value in metrics.items()
-        ]
+        batch = [[str(name), float(value), timestamp, step or 0]
+                 for name, value in metrics.items()]
         if batch:
-            self._client.log_batch(self.run_id, metrics=batch, synchronous=True)
+            self._write({"op": "metrics", "metrics": batch})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file, or a directory's contents, to the run's artifacts."""
         path = Path(path)
-        if path.is_dir():
-            self._client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+        if self._buffer is not None and self._buffer.pending():
+            # Offline: keep a copy, the file may be rewritten before the server is back.
+            name = self._buffer.keep_artifact(path)
+            self._write({"op": "artifact", "file": name, "artifact_path": artifact_path})
+            return
+        try:
+            buffered.send(self._client, self.run_id,
+                          {"op": "artifact", "path": str(path), "artifact_path": artifact_path},
+                          Path("."))
+        except Exception as exc:
+            if self._buffer is None or not buffered.is_outage(exc):
+                raise
+            name = self._buffer.keep_artifact(path)
+            self._write({"op": "artifact", "file": name, "artifact_path": artifact_path})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Params, redacted (see `redact`)."""
         if params:
-            mlflow.log_params(redact(params), run_id=self.run_id, synchronous=True)
+            clean = redact(params)
+            items = list(clean.items())
+            for start in range(0, len(items), 100):  # log_batch takes at most 100 params
+                self._write({"op": "params", "params": dict(items[start:start + 100])})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Tags, redacted (see `redact`)."""
-        for key, value in redact(tags).items():
-            self._client.set_tag(self.run_id, key, value)
+        if tags:
+            self._write({"op": "tags", "tags": redact(tags)})
+
+    def flush(self) -> bool:
+        """Send what an outage kept on disk now; True if nothing is left."""
+        return True if self._buffer is None else self._buffer.flush(self._client)
+
+    def end(self, status: str) -> None:
+        """End this thread's active run (this logger's) with `status`, even while offline:
+        the status is then buffered after the metrics and sent with them."""
+        self.flush()
+        try:
+            mlflow.end_run(status)  # pops the active run first, then tells the server
+        except Exception as exc:
+            if self._buffer is None or not buffered.is_outage(exc):
+                raise
+            self._write({"op": "terminate", "status": status,
+                         "end_time": int(time.time() * 1000)})
+            if self._buffer.pending():
+                print(f"warning: run {self.run_id} ends {status} while MLflow is away: "
+                      f"{self._buffer.path} keeps its last records; `rlhf sync` sends them",
+                      file=sys.stderr, flush=True)
 
 
 def default_artifact_location(uri: str) -> str | None:
@@ -229,13 +227,15 @@ def pipeline_run(
         if dirty is not None:
             all_tags["git.dirty"] = str(dirty).lower()
     all_tags.update(tags or {})
-    with mlflow.start_run(
+    all_tags.update(owner_tags())
+    run = mlflow.start_run(
         experiment_id=experiment_id(experiment),
         run_name=run_name,
         nested=mlflow.active_run() is not None,
         tags=redact(all_tags),
-    ) as run:
-        logger = MLflowLogger(run.info.run_id)
+    )
+    logger = MLflowLogger(run.info.run_id)
+    with _ending(logger):
         logger.log_params(params.flat())
         yield logger
 
@@ -253,11 +253,114 @@ def stage_run(
     """
     parent = MlflowClient().get_run(parent_run_id)
     active = mlflow.active_run()
-    with mlflow.start_run(
+    run = mlflow.start_run(
         experiment_id=parent.info.experiment_id,
         run_name=stage_name,
         parent_run_id=parent_run_id,
         nested=active is not None,
-        tags=redact({"stage": stage_name, **(tags or {})}),
-    ) as run:
-        yield MLflowLogger(run.info.run_id)
+        tags=redact({"stage": stage_name, **owner_tags(), **(tags or {})}),
+    )
+    logger = MLflowLogger(run.info.run_id)
+    with _ending(logger):
+        yield logger
+
+
+def owner_tags() -> dict[str, str]:
+    """`rlhf.host`, `rlhf.pid`, `rlhf.pid_start`: lets a later start end the run KILLED if
+    this process dies without ending it (see `end_dead_runs`)."""
+    return {f"rlhf.{key}": value for key, value in owner.me().items()}
+
+
+@contextlib.contextmanager
+def _ending(logger: MLflowLogger) -> Iterator[None]:
+    """End the run FINISHED, FAILED if the body raises, KILLED on Ctrl-C; while MLflow is
+    away the status is buffered with the metrics instead of raising."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        logger.end("KILLED")
+        raise
+    except BaseException:
+        logger.end("FAILED")
+        raise
+    logger.end("FINISHED")
+
+
+def ensure_reachable(uri: str) -> None:
+    """Stop with one line if the tracking server does not answer (within ~10 s)."""
+    why = buffered.probe(uri, timeout=5.0)
+    if why is not None and why.startswith(("no answer", "cannot", "connection")):
+        why = buffered.probe(uri, timeout=5.0)  # one more chance: a server still starting
+    if why is not None:
+        raise UserError(f"MLflow tracking server {redact_value(uri)} is unreachable ({why}); "
+                        "start it or fix MLFLOW_TRACKING_URI, or run without tracking "
+                        "(--no-track)")
+
+
+def end_dead_runs(experiment: str, project_root: Path) -> list[str]:
+    """Runs of `experiment` left RUNNING by a process of this host that is gone: their
+    buffered records are sent, then they are ended KILLED. Returns their ids."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`rlhf.host` = '{owner.host()}'",
+        max_results=1000)
+    ended = []
+    for run in runs:
+        tags = run.data.tags
+        who = {key: tags.get(f"rlhf.{key}", "") for key in ("host", "pid", "pid_start")}
+        if not owner.is_dead(who):
+            continue
+        run_buffer = buffered.RunBuffer(run.info.run_id, project_root, mlflow.get_tracking_uri())
+        if run_buffer.pending() and not run_buffer.flush(client):
+            continue  # the server went away again; the next start tries again
+        latest = client.get_run(run.info.run_id)
+        if latest.info.status != "RUNNING":  # the buffer held its end
+            continue
+        client.set_tag(run.info.run_id, "rlhf.ended_by",
+                       f"a later start: process {who['pid']} on {who['host']} was gone")
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    return ended
+
+
+def sync_buffers(project_root: Path) -> list[tuple[str, int | None, str]]:
+    """Send what outages left in `<root>/.rlhf/mlflow-buffer` to the configured server:
+    [(run_id, records sent or None, note)]. A run still alive in another process of this host
+    is left to that process (it flushes its own file)."""
+    client = MlflowClient()
+    results = []
+    for path in buffered.buffered_runs(project_root):
+        run_id = path.stem
+        try:
+            run = client.get_run(run_id)
+        except Exception as exc:
+            if buffered.is_outage(exc):
+                why = buffered.probe(mlflow.get_tracking_uri()) or "not answering"
+                results.append((run_id, None, f"{redact_value(mlflow.get_tracking_uri())}: {why}"))
+                continue
+            results.append((run_id, None, "no such run on this server"))
+            continue
+        tags = run.data.tags
+        who = {key: tags.get(f"rlhf.{key}", "") for key in ("host", "pid", "pid_start")}
+        if run.info.status == "RUNNING" and who["pid"] and who["host"] == owner.host() \
+                and not owner.is_dead(who):
+            results.append((run_id, None, f"still running in process {who['pid']}; it sends "
+                                          "its own records"))
+            continue
+        results.extend(buffered.sync(project_root, mlflow.get_tracking_uri(), client, [run_id]))
+    return results
+
+
+def recover(experiment: str, project_root: Path) -> None:
+    """At the start of a command: send buffers left by earlier outages, end dead runs KILLED."""
+    for run_id, sent, note in sync_buffers(project_root):
+        if sent is not None:
+            print(f"sent {sent} records that an MLflow outage had kept for run {run_id}",
+                  file=sys.stderr, flush=True)
+    for run_id in end_dead_runs(experiment, project_root):
+        print(f"run {run_id} was left RUNNING by a process that is gone: ended KILLED",
+              file=sys.stderr, flush=True)

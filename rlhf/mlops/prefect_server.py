@@ -1,0 +1,109 @@
+"""A temporary Prefect server that dies with the `rlhf run` that started it.
+
+With no PREFECT_API_URL, Prefect 3.8 starts a temporary server itself
+(`prefect.server.api.server.SubprocessASGIServer`: `python -m uvicorn ... create_app` on a
+random port) and stops it from an `atexit` hook, which never runs after kill -9: the server is
+orphaned, holding its port and database. `rlhf run` starts the same server itself instead,
+with the kernel's parent-death signal set (Linux `prctl(PR_SET_PDEATHSIG, SIGKILL)`), and
+points Prefect at it; when `rlhf run` dies, however it dies, the kernel kills the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+from rlhf.errors import UserError
+
+_PR_SET_PDEATHSIG = 1
+LOG = Path(".rlhf") / "prefect-server.log"
+
+
+def _die_with_parent(parent: int) -> None:
+    """preexec_fn of the server: the kernel sends it SIGKILL when its parent thread ends."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: only the normal stop applies
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _api_url_set() -> bool:
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
+
+
+@contextlib.contextmanager
+def temporary_server(root: Path, timeout: Optional[float] = None) -> Iterator[Optional[str]]:
+    """Yield the API URL of a temporary server for the block, or None if one is configured."""
+    if _api_url_set():
+        yield None
+        return
+    import httpx
+    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+                                  get_current_settings, temporary_settings)
+
+    import prefect
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1",
+           **get_current_settings().to_environment_variables(exclude_unset=True)}
+    env.pop("PREFECT_API_URL", None)
+    log_path = Path(root) / LOG
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    parent = os.getpid()
+    with open(log_path, "ab") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+             "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: _die_with_parent(parent))
+    try:
+        # A fresh database is migrated on the first start, which can take a while.
+        limit = timeout or max(90.0, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None:
+                raise UserError(f"the temporary Prefect server exited with code "
+                                f"{server.returncode}; see {log_path}, or set PREFECT_API_URL "
+                                "to a running server")
+            if time.monotonic() > deadline:
+                raise UserError(f"the temporary Prefect server did not answer within "
+                                f"{limit:.0f} s; see {log_path}, or set PREFECT_API_URL to a "
+                                "running server")
+            time.sleep(0.2)
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
