@@ -32,6 +32,7 @@ hand) it is run again the same way.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -48,7 +49,9 @@ from prefect.runtime import task_run as current_task_run
 
 from rlhf.config import Params, load_params, write_overrides
 from rlhf.errors import UserError
+from rlhf.mlops.safe_results import check_results_dir
 from rlhf.paths import Paths
+from rlhf.redact import REDACTED, redact_override, redact_text, redact_value
 
 RESULTS_DIR = ".prefect-results"
 """Where the stage tasks' results (and so the cache) live, under the project root."""
@@ -207,12 +210,59 @@ def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
 # One task per stage
 
 
+@contextlib.contextmanager
+def _redacted_errors():
+    """Re-raise an error whose message holds a credential with the credential hidden: Prefect
+    stores the message in the run's state and logs."""
+    try:
+        yield
+    except Exception as exc:
+        message = str(exc)
+        if redact_text(message) == message:
+            raise
+        try:
+            clean = type(exc)(redact_text(message))
+        except Exception:
+            clean = RuntimeError(f"{type(exc).__name__}: {redact_text(message)}")
+        raise clean from None
+
+
+_HELD_OVERRIDES: dict[str, str] = {}
+"""Overrides holding a credential, by their redacted text. Only this process has them: Prefect
+stores the flow's parameters, so the flow is given the redacted text (see `run_pipeline`)."""
+
+
+def hide_overrides(overrides: Iterable[str]) -> list[str]:
+    """The overrides as Prefect may store them; the originals stay in this process."""
+    shown = []
+    for text in overrides:
+        safe = redact_override(text)
+        if safe != text:
+            _HELD_OVERRIDES[safe] = text
+        shown.append(safe)
+    return shown
+
+
+def reveal_overrides(overrides: Iterable[str]) -> list[str]:
+    """The overrides as given, credentials included (from `hide_overrides`, this process)."""
+    revealed = []
+    for text in overrides:
+        if REDACTED in text:
+            if text not in _HELD_OVERRIDES:
+                raise UserError(f"override {text!r} held a credential, which is never stored "
+                                "in Prefect; put it in the params file (or the environment it "
+                                "reads) instead of --set")
+            text = _HELD_OVERRIDES[text]
+        revealed.append(text)
+    return revealed
+
+
 def _retry_unless_user_error(task, task_run, state) -> bool:
     """Retry transient failures, not a user's mistake (bad data, missing input)."""
     return not isinstance(getattr(state, "data", None), UserError)
 
 
-def _run_stage(stage: str, params: dict, root: str, parent_run_id: str,
+def _run_stage(stage: str, params: dict, root: str, parent_run_id: Optional[str],
                inputs: Optional[dict[str, str]] = None) -> dict:
     """Run one stage under an MLflow child run of `parent_run_id`; return what it wrote.
 
@@ -220,19 +270,23 @@ def _run_stage(stage: str, params: dict, root: str, parent_run_id: str,
     the Prefect flow run that produced it (a later cached run returns the same dict).
     """
     from rlhf import stages
-    from rlhf.mlops.mlflow_tracking import stage_run
 
+    if parent_run_id:
+        from rlhf.mlops.mlflow_tracking import stage_run
     project = Path(root)
     paths = Paths(project)
     parsed = Params.model_validate(params)
     tags = {"prefect.flow_run_id": current_flow_run.id, "prefect.task_run_id": current_task_run.id}
-    with stage_run(stage, parent_run_id, tags=tags) as logger:
+    with _redacted_errors(), (stage_run(stage, parent_run_id, tags=tags) if parent_run_id
+                              else contextlib.nullcontext(None)) as logger:
         if stage == "register":
             from rlhf.mlops.register import register
 
             lineage = {f"content.{name}": value for name, value in (inputs or {}).items()}
             metrics = register(parsed, paths, parent_run_id=logger.run_id,
                                tags={"prefect.flow_run_id": current_flow_run.id, **lineage})
+        elif logger is None:
+            metrics = stages.get(stage)(parsed, paths)
         else:
             metrics = stages.get(stage)(parsed, paths, logger)
     return {
@@ -242,7 +296,7 @@ def _run_stage(stage: str, params: dict, root: str, parent_run_id: str,
                     if (project / rel).exists()],
         "metrics": {key: value for key, value in (metrics or {}).items()
                     if isinstance(value, (int, float, str, bool))},
-        "mlflow_run_id": logger.run_id,
+        "mlflow_run_id": logger.run_id if logger else None,
         "flow_run_id": current_flow_run.id,
     }
 
@@ -304,10 +358,13 @@ def register(params: dict, root: str, parent_run_id: str,
 STAGE_TASKS = {t.name: t for t in (prepare, sft, reward, reference, ppo, evaluate, register)}
 
 
-def _run_task(stage: str, params: Params, project: Path, parent_run_id: str,
+def _run_task(stage: str, params: Params, project: Path, parent_run_id: Optional[str],
               inputs: dict[str, str]) -> tuple[dict, str]:
     """Submit one stage task, using the cache only when it is safe; returns (result, state)."""
     logger = get_run_logger()
+    # Prefect would unpickle a record whose serializer was edited to pickle (even to check
+    # that it exists): every record is checked right before a task may read one.
+    check_results_dir(project / RESULTS_DIR)
     base = STAGE_TASKS[stage].with_options(result_storage=project / RESULTS_DIR)
     kwargs = dict(params=params.model_dump(mode="json"), root=str(project),
                   parent_run_id=parent_run_id, inputs=inputs)
@@ -329,10 +386,8 @@ def _run_task(stage: str, params: Params, project: Path, parent_run_id: str,
 
 def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> tuple[str, str]:
     """(URL of the run in the MLflow UI, a description saying which UI it assumes)."""
-    from rlhf.mlops.mlflow_tracking import redact_value
-
     if tracking_uri.startswith(("http://", "https://")):
-        base = tracking_uri.rstrip("/")
+        base = redact_value(tracking_uri.rstrip("/"))
         note = f"MLflow server {redact_value(base)}"
     else:
         base = SQLITE_UI
@@ -392,81 +447,132 @@ def _headline(report: dict) -> dict:
 # Flows
 
 
+class _Untracked:
+    """The parent run's stand-in under `track=False`: stages get no logger, nothing is sent."""
+
+    run_id = None
+    experiment_id = None
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def set_tags(self, tags) -> None:
+        pass
+
+
 @flow(name="rlhf-pipeline")
 def rlhf_pipeline(params_file: str = "params.yaml", overrides: Optional[list[str]] = None,
-                  root: str = ".") -> dict:
+                  root: str = ".", track: bool = True) -> dict:
     """prepare → sft → reward → reference → ppo → evaluate → register, each stage cached.
 
     `params_file` is read relative to the current directory, `root` is the project holding
     data/, models/, metrics/ (and mlflow.db unless MLFLOW_TRACKING_URI is set). `overrides`
-    (`section.key=value`) are validated, then written into the params file, as
-    `dvc exp run -S` does, so the file describes what the run produced.
+    (`section.key=value`) are validated and recorded with the run (MLflow params and the tag
+    `rlhf.overrides`), and written into the params file only once the training stages have
+    succeeded, as `dvc exp run -S` does: the file then describes what the run produced, and a
+    run that crashes leaves it as it was. `track=False` runs without MLflow (no register).
     """
-    import mlflow
+    with _redacted_errors():
+        return _pipeline(params_file, reveal_overrides(overrides or []), root, track)
 
+
+def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) -> dict:
     from rlhf.io import read_json
-    from rlhf.mlops import dvc
-    from rlhf.mlops.mlflow_tracking import configure, pipeline_run, redact_value
+    from rlhf.mlops import dvc, prefect_runs
 
     logger = get_run_logger()
-    params = load_params(params_file, overrides or [])  # a ParamsError ends the flow here
-    if overrides:
-        write_overrides(params_file, overrides)
+    params = load_params(params_file, overrides)  # a ParamsError ends the flow here
     project = Path(root).resolve()
     paths = Paths(project)
-    tracking_uri = configure(project)
+    check_results_dir(project / RESULTS_DIR)  # before anything else: one line, no work lost
     flow_run_id, flow_run_name = current_flow_run.id, current_flow_run.name
-    store = f"{tracking_uri}|{mlflow.get_registry_uri()}"
-    store_hash = hashlib.sha256(store.encode()).hexdigest()[:16]
+    for crashed in prefect_runs.end_dead(project):
+        logger.warning(f"flow run {crashed} was left Running by a process that is gone: "
+                       "set Crashed")
+    running = prefect_runs.record(project, flow_run_id)
+    try:
+        if track:
+            import mlflow
 
-    results: dict[str, dict] = {}
-    states: dict[str, str] = {}
-    tags = {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name,
-            "prefect.flow_name": "rlhf-pipeline"}
-    with pipeline_run(params.registry.experiment, params, tags=tags,
-                      run_name=f"pipeline-{flow_run_name}", project_root=project) as parent:
-        for stage in STAGES:
-            inputs = {up: results[up]["hash"] for up in UPSTREAM[stage]}
-            inputs.update(_external_inputs(params, project) if stage in ("prepare", "sft") else {})
-            if stage == "register":
-                inputs["mlflow_store"] = store_hash
-                # Record the trained stages in dvc.lock first, so the version's lineage tags
-                # carry this run's DVC content hashes, not the previous run's.
-                dvc.record(project, [s for s in STAGES if s != "register"])
-            results[stage], states[stage] = _run_task(stage, params, project, parent.run_id,
-                                                      inputs)
-            logger.info(f"{stage}: {states[stage]}")
-            if stage == "evaluate":
-                report = read_json(paths.metrics_file("eval"), produced_by="evaluate")
-                url, note = mlflow_run_url(tracking_uri, parent.experiment_id, parent.run_id)
-                create_markdown_artifact(key="rlhf-eval",
-                                         markdown=eval_markdown(report, states, url),
-                                         description="Held-out evaluation: policy vs reference")
-                create_link_artifact(key="rlhf-mlflow-run", link=url,
-                                     link_text=f"MLflow run {parent.run_id}",
-                                     description=f"The pipeline's parent run in MLflow ({note})")
-                if report["policy"].get("pass_at_k"):
-                    create_table_artifact(key="rlhf-pass-at-k", table=pass_at_k_table(report),
-                                          description="pass@k on held-out prompts (unbiased "
-                                                      "estimator), policy vs reference")
-        headline = _headline(report)
-        parent.log_metrics({f"eval/{k}": float(v) for k, v in headline.items()})
-        parent.set_tags({"stages.cached": ",".join(s for s in STAGES if states[s] == "Cached"),
-                         "registry.version": results["register"]["metrics"]["version"],
-                         **dvc.artifact_hashes(project)})
+            from rlhf.mlops.mlflow_tracking import (configure, ensure_reachable, pipeline_run,
+                                                    recover)
 
-    dvc_recorded = dvc.record(project, ["register"])
-    registered = results["register"]["metrics"]
+            tracking_uri = configure(project)
+            ensure_reachable(tracking_uri)
+            recover(params.registry.experiment, project)
+            store = f"{tracking_uri}|{mlflow.get_registry_uri()}"
+            tags = {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name,
+                    "prefect.flow_name": "rlhf-pipeline",
+                    "rlhf.overrides": json.dumps([redact_override(o) for o in overrides])}
+            parent_run = pipeline_run(params.registry.experiment, params, tags=tags,
+                                      run_name=f"pipeline-{flow_run_name}", project_root=project)
+        else:
+            tracking_uri, store = "", "untracked"
+            parent_run = contextlib.nullcontext(_Untracked())
+        store_hash = hashlib.sha256(store.encode()).hexdigest()[:16]
+        stages = STAGES if track else tuple(s for s in STAGES if s != "register")
+
+        results: dict[str, dict] = {}
+        states: dict[str, str] = {}
+        url = None
+        with parent_run as parent:
+            for stage in stages:
+                inputs = {up: results[up]["hash"] for up in UPSTREAM[stage]}
+                inputs.update(_external_inputs(params, project)
+                              if stage in ("prepare", "sft") else {})
+                if stage == "register":
+                    inputs["mlflow_store"] = store_hash
+                results[stage], states[stage] = _run_task(stage, params, project,
+                                                          parent.run_id, inputs)
+                logger.info(f"{stage}: {states[stage]}")
+                if stage == "evaluate":
+                    # The trained stages all succeeded: only now may params.yaml change (DVC
+                    # needs it to match what produced the outputs). Recorded in dvc.lock before
+                    # register, so the version's lineage tags carry this run's DVC hashes.
+                    if overrides:
+                        write_overrides(params_file, overrides)
+                    dvc.record(project, [s for s in STAGES if s != "register"])
+                    report = read_json(paths.metrics_file("eval"), produced_by="evaluate")
+                    if track:
+                        url, note = mlflow_run_url(tracking_uri, parent.experiment_id,
+                                                   parent.run_id)
+                        create_link_artifact(
+                            key="rlhf-mlflow-run", link=url,
+                            link_text=f"MLflow run {parent.run_id}",
+                            description=f"The pipeline's parent run in MLflow ({note})")
+                    create_markdown_artifact(
+                        key="rlhf-eval",
+                        markdown=eval_markdown(report, states, url or "not tracked"),
+                        description="Held-out evaluation: policy vs reference")
+                    if report["policy"].get("pass_at_k"):
+                        create_table_artifact(key="rlhf-pass-at-k",
+                                              table=pass_at_k_table(report),
+                                              description="pass@k on held-out prompts "
+                                                          "(unbiased estimator), policy vs "
+                                                          "reference")
+            headline = _headline(report)
+            parent.log_metrics({f"eval/{k}": float(v) for k, v in headline.items()})
+            if track:
+                parent.set_tags({
+                    "stages.cached": ",".join(s for s in stages if states[s] == "Cached"),
+                    "registry.version": results["register"]["metrics"]["version"],
+                    **dvc.artifact_hashes(project)})
+    finally:
+        running.unlink(missing_ok=True)
+
+    dvc_recorded = dvc.record(project, ["register"]) if track else bool(
+        dvc.is_dvc_repo(project))
+    registered = results["register"]["metrics"] if track else {}
     alias = registered.get("alias", "candidate")
     return {
         "eval": headline,
-        "model_name": registered["model_name"],
-        "model_version": registered["version"],
-        "model_alias": alias,
+        "model_name": registered.get("model_name"),
+        "model_version": registered.get("version"),
+        "model_alias": alias if track else None,
         "mlflow_run_id": parent.run_id,
         "mlflow_experiment_id": parent.experiment_id,
         "mlflow_run_url": url,
-        "mlflow_tracking_uri": redact_value(tracking_uri),
+        "mlflow_tracking_uri": redact_value(tracking_uri) if track else None,
         "prefect_flow_run_id": str(flow_run_id),
         "prefect_flow_run_name": flow_run_name,
         "stages": states,
@@ -476,7 +582,7 @@ def rlhf_pipeline(params_file: str = "params.yaml", overrides: Optional[list[str
             "plots": str(paths.plots),
             "policy": str(paths.policy),
             "mlflow": url,
-            "registry": f"models:/{registered['model_name']}@{alias}",
+            "registry": f"models:/{registered['model_name']}@{alias}" if track else None,
             "prefect_cache": str(project / RESULTS_DIR),
         },
     }
@@ -517,9 +623,13 @@ def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None
 
 
 def run_pipeline(params_file: str = "params.yaml", overrides: Optional[list[str]] = None,
-                 root: str = ".") -> dict:
-    """Run the `rlhf-pipeline` flow now, in this process (what `rlhf run` calls)."""
-    return rlhf_pipeline(params_file=params_file, overrides=list(overrides or []), root=root)
+                 root: str = ".", track: bool = True) -> dict:
+    """Run the `rlhf-pipeline` flow now, in this process (what `rlhf run` calls).
+
+    Prefect stores the flow's parameters: overrides holding a credential are passed redacted,
+    the flow takes the originals from this process (`reveal_overrides`)."""
+    return rlhf_pipeline(params_file=params_file, overrides=hide_overrides(overrides or []),
+                         root=root, track=track)
 
 
 def serve_pipeline(cron: str, params_file: str = "params.yaml",

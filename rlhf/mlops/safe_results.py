@@ -5,12 +5,11 @@ Prefect reads a persisted result record with the serializer the *record* names: 
 `__class__` markers that Prefect's decoder imports) would run code on the next `rlhf run`.
 Prefect even deserialises a record just to check that it exists (`ResultStore._exists`).
 
-Two guards, both before any Prefect code sees the bytes:
-- `check_results_dir` looks at every record in the cache folder when the flow starts and stops
-  with one line naming the first bad one;
-- `JsonOnlyFileSystem` is the tasks' result storage: its `read_path` returns a record's bytes
-  only if the record is plain JSON as this project writes it, so a record changed after the
-  check is refused too (Prefect then treats it as a cache miss or fails the task).
+So the flow checks every record in the cache folder (`check_results_dir`) when it starts and
+again right before each stage task, before any Prefect code reads the bytes, and stops with one
+line naming the first record that is not plain JSON as this project writes it. (A storage
+block that checks on read would close the window between check and read, but Prefect 3.8 takes
+only blocks saved on the server as a task's result storage.)
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
-
-from prefect.filesystems import LocalFileSystem
 
 from rlhf.errors import UserError
 
@@ -92,22 +89,3 @@ def check_results_dir(folder: Path) -> None:
         why = problem(path.read_bytes())
         if why is not None:
             raise _refusal(path, why)
-
-
-class JsonOnlyFileSystem(LocalFileSystem):
-    """A local result storage that hands Prefect only plain-JSON result records."""
-
-    _block_type_name = "rlhf JSON-only result storage"
-
-    async def aread_path(self, path: str) -> bytes:
-        return self._checked(path, await super().aread_path(path))
-
-    def read_path(self, path: str, _sync: bool | None = None) -> bytes:
-        # Prefect's sync callers pass _sync=True; this one is always sync.
-        return self._checked(path, super().read_path(path, _sync=True))
-
-    def _checked(self, path: str, content: bytes) -> bytes:
-        why = problem(content)
-        if why is not None:
-            raise _refusal(self._resolve_path(path), why)
-        return content

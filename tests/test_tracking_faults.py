@@ -1,0 +1,258 @@
+"""Tracking faults for real: a `mlflow server` process that is killed (SIGKILL) in the middle
+of PPO and started again, an unreachable or silent server at start, a stage killed with
+SIGKILL. No mocks: `rlhf stage` runs in a subprocess, as a user runs it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, TINY_OVERRIDES
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow import MlflowClient  # noqa: E402
+
+SECRET = "pw-Outage-7731"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cli_env(**extra: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RLHF_NO_PROGRESS": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra}
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL",
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        if key not in extra:
+            env.pop(key, None)
+    return env
+
+
+def rlhf(*args: str, env: dict, cwd: Path, timeout: float = 300,
+         **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rlhf.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, **popen)
+
+
+class MlflowServer:
+    """`mlflow server` on a fixed port and a SQLite store in a directory; kill -9 and restart."""
+
+    def __init__(self, home: Path, port: int) -> None:
+        self.home, self.port = home, port
+        self.process: subprocess.Popen | None = None
+        self.url = f"http://127.0.0.1:{port}"
+
+    def start(self, timeout: float = 120) -> None:
+        import requests
+
+        log = open(self.home / "server.log", "a")
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}",
+             "--default-artifact-root", str(self.home / "artifacts"), "--no-serve-artifacts"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            assert self.process.poll() is None, (self.home / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.3)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    home = tmp_path / "mlflow-server"
+    home.mkdir()
+    server = MlflowServer(home, free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def tiny_upstream(trained_upstream, tmp_path) -> Path:
+    """A project with the tiny params and trained prepare/sft/reward/reference outputs."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for folder in ("data", "models"):
+        shutil.copytree(trained_upstream / folder, project / folder)
+    shutil.copy(REPO / "params.yaml", project / "params.yaml")
+    from rlhf.config import write_overrides
+
+    write_overrides(project / "params.yaml", TINY_OVERRIDES)
+    return project
+
+
+def _ppo_run(client: MlflowClient, experiment: str = "rlhf"):
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], "tags.stage = 'ppo'")
+    return runs[0] if runs else None
+
+
+def _buffered_steps(project: Path) -> int:
+    steps = set()
+    for path in (project / ".rlhf" / "mlflow-buffer").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record["op"] == "metrics":
+                steps.update(m[3] for m in record["metrics"] if m[0] == "objective/kl")
+    return len(steps)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mlflow_server_killed_mid_ppo_loses_no_metric(mlflow_server, tiny_upstream):
+    """Kill -9 the tracking server after a few PPO steps, start it again a few steps later:
+    PPO goes on, the steps of the outage are buffered on disk and sent when the server is
+    back, the run ends FINISHED, and MLflow holds every step's metrics (counted)."""
+    project = tiny_upstream
+    steps = 40
+    uri = f"http://rlhf:{SECRET}@127.0.0.1:{mlflow_server.port}"
+    env = cli_env(MLFLOW_TRACKING_URI=uri, RLHF_MLFLOW_RETRY_SECONDS="1")
+    log = project / "stage.log"
+    with open(log, "w") as out:
+        stage = subprocess.Popen(
+            [sys.executable, "-m", "rlhf.cli", "stage", "ppo", "--set", f"ppo.steps={steps}",
+             "--set", "ppo.checkpoint_every=1000"],
+            cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    try:
+        deadline = time.monotonic() + 240
+        run = None
+        while True:  # a few steps reach the server first
+            run = run or _ppo_run(client)
+            logged = len(client.get_metric_history(run.info.run_id, "objective/kl")) if run else 0
+            if logged >= 3:
+                break
+            assert stage.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "PPO logged nothing"
+            time.sleep(0.3)
+        mlflow_server.kill()
+        while _buffered_steps(project) < 3:  # training goes on during the outage
+            assert stage.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "nothing buffered"
+            time.sleep(0.3)
+        mlflow_server.start()
+        assert stage.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if stage.poll() is None:
+            os.killpg(stage.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert "Traceback" not in output and SECRET not in output
+    assert "is not answering" in output and "<redacted>" in output
+
+    # Whatever the run could not send before it ended, the next command sends.
+    synced = rlhf("sync", env=env, cwd=project)
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    assert not list((project / ".rlhf" / "mlflow-buffer").glob("*.jsonl"))
+
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    with open(project / "metrics" / "ppo_history.csv") as handle:
+        history = list(csv.DictReader(handle))
+    assert len(history) == steps
+    expected = {key: {int(row["step"]) for row in history if row.get(key) not in (None, "")}
+                for key in history[0] if key != "step"}
+    lost = 0
+    for key, wanted in expected.items():
+        got = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(got) == len(set(got)), f"{key} sent twice"
+        lost += len(wanted - set(got))
+    total = sum(map(len, expected.values()))
+    print(f"\noutage mid-PPO: {total} metric values over {steps} steps, lost {lost}")
+    assert lost == 0
+    assert (project / "models" / "policy").is_dir()
+    assert SECRET not in json.dumps([run.data.params, run.data.tags])
+
+
+def test_unreachable_server_is_one_line(tiny_upstream):
+    """Nothing listening, or a server that accepts and never answers: one line within 30 s
+    naming the URI (password hidden) and the way out."""
+    port = free_port()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections (backlog) but never answers
+    try:
+        for target in (port, silent.getsockname()[1]):
+            uri = f"http://rlhf:{SECRET}@127.0.0.1:{target}"
+            env = cli_env(MLFLOW_TRACKING_URI=uri)
+            for command in (["stage", "reference"], ["run"]):
+                started = time.monotonic()
+                result = rlhf(*command, env=env, cwd=tiny_upstream, timeout=60)
+                seconds = time.monotonic() - started
+                lines = result.stderr.strip().splitlines()
+                assert result.returncode == 2, result.stdout + result.stderr
+                assert len(lines) == 1, result.stderr
+                assert f"http://rlhf:<redacted>@127.0.0.1:{target}" in lines[0]
+                assert "unreachable" in lines[0] and "--no-track" in lines[0]
+                assert SECRET not in result.stdout + result.stderr
+                assert seconds < 30, (command, seconds)
+    finally:
+        silent.close()
+
+
+def test_killed_stage_run_is_ended_killed_by_the_next_start(tiny_upstream):
+    """kill -9 of `rlhf stage ppo` leaves its MLflow run RUNNING; the next `rlhf stage`
+    ends it KILLED (its process is gone) and leaves live runs alone."""
+    project = tiny_upstream
+    env = cli_env()
+    stage = subprocess.Popen(
+        [sys.executable, "-m", "rlhf.cli", "stage", "ppo", "--set", "ppo.steps=500"],
+        cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            run = _ppo_run(client) if (project / "mlflow.db").exists() else None
+            if run and client.get_metric_history(run.info.run_id, "objective/kl"):
+                break
+            assert stage.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        os.kill(stage.pid, signal.SIGKILL)
+        stage.wait()
+    finally:
+        if stage.poll() is None:
+            os.killpg(stage.pid, signal.SIGKILL)
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    assert client.get_run(run.info.run_id).data.tags["rlhf.pid"] == str(stage.pid)
+
+    result = rlhf("stage", "reference", env=env, cwd=project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"run {run.info.run_id} was left RUNNING" in result.stderr
+    killed = client.get_run(run.info.run_id)
+    assert killed.info.status == "KILLED"
+    assert str(stage.pid) in killed.data.tags["rlhf.ended_by"]
+    reference = client.search_runs([killed.info.experiment_id], "tags.stage = 'reference'")
+    assert [r.info.status for r in reference] == ["FINISHED"]
