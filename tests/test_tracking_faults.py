@@ -163,6 +163,7 @@ def test_mlflow_server_killed_mid_ppo_loses_no_metric(mlflow_server, tiny_upstre
             assert stage.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "nothing buffered"
             time.sleep(0.3)
+        during = _buffered_steps(project)
         mlflow_server.start()
         assert stage.wait(timeout=300) == 0, log.read_text()[-3000:]
     finally:
@@ -190,7 +191,8 @@ def test_mlflow_server_killed_mid_ppo_loses_no_metric(mlflow_server, tiny_upstre
         assert len(got) == len(set(got)), f"{key} sent twice"
         lost += len(wanted - set(got))
     total = sum(map(len, expected.values()))
-    print(f"\noutage mid-PPO: {total} metric values over {steps} steps, lost {lost}")
+    print(f"\noutage mid-PPO: at least {during} steps buffered while the server was down; "
+          f"{total} metric values over {steps} steps expected in MLflow, lost {lost}")
     assert lost == 0
     assert (project / "models" / "policy").is_dir()
     assert SECRET not in json.dumps([run.data.params, run.data.tags])

@@ -90,6 +90,15 @@ def is_outage(exc: BaseException) -> bool:
         type(exc).__module__.startswith(("requests", "urllib3"))
 
 
+def _reason(exc: BaseException) -> str:
+    text = str(exc).lower()
+    for needle, reason in (("refused", "connection refused"), ("timed out", "timed out"),
+                           ("timeout", "timed out"), ("max retries", "cannot connect")):
+        if needle in text:
+            return reason
+    return redact_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:120]
+
+
 def probe(tracking_uri: str, timeout: float = PROBE_TIMEOUT) -> Optional[str]:
     """None if the tracking server answers, else why not (credentials redacted).
 
@@ -182,8 +191,7 @@ class RunBuffer:
             return
         self._warned = True
         print(f"warning: MLflow server {redact_value(self.tracking_uri)} is not answering "
-              f"({redact_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:160]}"
-              f"); training goes on and run {self.run_id}'s metrics are kept in {self.path}; "
+              f"({_reason(exc)}); training goes on and run {self.run_id}'s metrics are kept in {self.path}; "
               "they are sent when the server is back, or by `rlhf sync`",
               file=sys.stderr, flush=True)
 

@@ -57,6 +57,9 @@ def configure(project_root: Path) -> str:
     buffered.set_root(project_root)
     if uri.startswith(("http://", "https://")):
         buffered.http_defaults()
+    if redact_value(uri) != uri:
+        # MLflow prints "View run ... at: <the URI>" on stdout, password included.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(registry_uri)
     for name, value in (("MLFLOW_TRACKING_URI", uri), ("MLFLOW_REGISTRY_URI", registry_uri)):
