@@ -116,6 +116,10 @@ def run(
 
     try:
         _load(params_file, overrides)
+        from flows.pipeline import RESULTS_DIR
+        from rlhf.mlops.safe_results import check_results_dir
+
+        check_results_dir(Path(root) / RESULTS_DIR)  # the flow checks too; here: no traceback
         track = track and _tracking_available()
         if track:
             from rlhf.mlops import mlflow_tracking as mt
