@@ -258,3 +258,87 @@ def test_killed_stage_run_is_ended_killed_by_the_next_start(tiny_upstream):
     assert str(stage.pid) in killed.data.tags["rlhf.ended_by"]
     reference = client.search_runs([killed.info.experiment_id], "tags.stage = 'reference'")
     assert [r.info.status for r in reference] == ["FINISHED"]
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live children of `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == pid:
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"  # a zombie waits for a reaper, but is dead
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_killed_rlhf_run_leaves_no_half_state(tmp_path):
+    """kill -9 of `rlhf run --set ...` in the middle of PPO: its temporary Prefect server dies
+    with it and params.yaml keeps its old values. The next `rlhf run` ends the killed run's
+    MLflow runs KILLED and its Prefect flow run Crashed, then writes the overrides."""
+    pytest.importorskip("prefect")
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(REPO / "params.yaml", project / "params.yaml")
+    params_before = (project / "params.yaml").read_bytes()
+    env = cli_env(PREFECT_HOME=str(tmp_path / "prefect-home"))
+    sets = [arg for override in TINY_OVERRIDES for arg in ("--set", override)]
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        killed = subprocess.Popen(
+            [sys.executable, "-m", "rlhf.cli", "run", *sets, "--set", "ppo.steps=500"],
+            cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    try:
+        deadline = time.monotonic() + 400
+        while True:
+            run = _ppo_run(client) if (project / "mlflow.db").exists() else None
+            if run and client.get_metric_history(run.info.run_id, "objective/kl"):
+                break
+            assert killed.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        servers = [pid for pid, cmd in _children(killed.pid) if "create_app" in cmd]
+        assert len(servers) == 1, _children(killed.pid)
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
+        deadline = time.monotonic() + 30
+        while not _gone(servers[0]):
+            assert time.monotonic() < deadline, "the temporary Prefect server outlived rlhf run"
+            time.sleep(0.2)
+    finally:
+        if killed.poll() is None:
+            os.killpg(killed.pid, signal.SIGKILL)
+    assert (project / "params.yaml").read_bytes() == params_before
+    parent_id = run.data.tags["mlflow.parentRunId"]
+    flow_run_id = client.get_run(parent_id).data.tags["prefect.flow_run_id"]
+    assert client.get_run(parent_id).info.status == "RUNNING"
+
+    again = rlhf("run", *sets, env=env, cwd=project, timeout=400)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert client.get_run(parent_id).info.status == "KILLED"
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    import sqlite3
+    import yaml
+
+    with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as db:
+        rows = dict(db.execute("select id, state_type from flow_run").fetchall())
+    assert rows[flow_run_id] == "CRASHED", rows
+    assert sorted(rows.values()) == ["COMPLETED", "CRASHED"]
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["ppo"]["steps"] == 2 and params["model"]["n_layer"] == 1
