@@ -34,6 +34,7 @@ from rlhf.errors import UserError
 from rlhf.io import atomic_dir, atomic_write_text, sha256_file, sha256_files
 
 STATE_FILE = "trainer_state.json"
+_log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -141,6 +142,7 @@ class Checkpoints:
         _quiet_accelerate()
         accelerator.load_state(str(found[-1]))
         self._resumed_from = state["step"]
+        _log.warning("resuming from %s (step %d)", found[-1], state["step"])
         return state
 
     @property
