@@ -251,6 +251,8 @@ class PPOConfig(Section):
     """Write a resumable checkpoint every this many steps (and at the last)."""
     gold_every: int = Field(1, ge=1)
     """Score the rollouts with the gold reward every this many steps (builtin task only)."""
+    log_completions_every: int = Field(25, ge=1)
+    """Log a table of sample completions (prompt, response, RM score, gold) every this many steps."""
 
     @model_validator(mode="after")
     def _minibatches_divide(self) -> "PPOConfig":
@@ -295,14 +297,20 @@ class RegistryConfig(Section):
 
 
 class PromoteConfig(Section):
-    min_gold_ratio_vs_champion: float = Field(1.0, ge=0)
-    """The candidate's gold reward must be at least this times the current champion's."""
-    min_gold_ratio_vs_reference: float = Field(1.0, ge=0)
-    """The candidate's gold reward must be at least this times its reference (SFT) model's."""
+    min_rm_win_rate_vs_reference: float = Field(0.5, ge=0, le=1)
+    """The candidate must beat its reference (SFT) on at least this share of eval samples, as the reward model judges."""
+    min_rm_win_rate_vs_champion: float = Field(0.5, ge=0, le=1)
+    """The candidate must beat the current champion on at least this share of samples, as its reward model judges."""
+    head_to_head_samples: int = Field(8, ge=1)
+    """Samples per eval prompt and model when the candidate is compared with the champion."""
     require_kl_within_budget: bool = True
     """Refuse a candidate whose KL to its reference exceeds eval.kl_budget."""
+    min_gold_ratio_vs_champion: float = Field(1.0, ge=0)
+    """Gold-reward tasks only: the candidate's gold reward must be at least this times the current champion's."""
+    min_gold_ratio_vs_reference: float = Field(1.0, ge=0)
+    """Gold-reward tasks only: the candidate's gold reward must be at least this times its reference (SFT) model's."""
     min_gold_reward: float = Field(0.0, ge=0)
-    """Refuse a candidate whose mean gold reward is below this."""
+    """Gold-reward tasks only: refuse a candidate whose mean gold reward is below this."""
 
 
 class Params(Section):

@@ -360,7 +360,10 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                 row["objective/gold_exact"] = sum(g == 1.0 for g in golds) / len(golds)
             history.append(row)
             logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-            bar.advance(f"score {row['objective/scores']:.2f} kl {mean_kl:.2f}"
+            if step % cfg.log_completions_every == 0 or step == cfg.steps:
+                logger.log_table("ppo_completions", completions_table(batch, gold), step=step)
+            bar.advance(f"score {row['objective/scores']:.2f} kl {mean_kl:.2f} "
+                        f"loss {update['pg_loss'] + cfg.vf_coef * update['vf_loss']:.3f}"
                         + (f" gold {row['objective/gold_reward']:.2f}"
                            if "objective/gold_reward" in row else ""))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -397,6 +400,17 @@ def make_ptx_batches(params: Params, paths: Paths, tokenizer, device,
         return {k: v.to(device) for k, v in batch.items()}
 
     return next_batch
+
+
+def completions_table(batch: Rollout, gold, rows: int = 16) -> list[dict]:
+    """A few of the rollout's samples with their scores: how people catch reward hacking."""
+    table = []
+    for prompt, text, score in list(zip(batch.prompts, batch.texts, batch.scores.tolist()))[:rows]:
+        row = {"prompt": prompt, "response": text, "rm_score": round(score, 4)}
+        if gold is not None:
+            row["gold"] = gold(prompt, text)
+        table.append(row)
+    return table
 
 
 def summarise(history: list[dict], window: int = 10) -> dict:
