@@ -61,12 +61,18 @@ def register_policy(
     eval_metrics: Mapping[str, Any],
     lineage_tags: Mapping[str, Any],
     run_id: str | None = None,
+    sampling: Mapping[str, Any] | None = None,
+    input_example: str | None = None,
 ) -> int:
     """Log the policy in `model_dir` as a new version of `registered_name`; returns its number.
 
     The model is logged (`name="policy"`, task text-generation) under `run_id`, else under this
     thread's active run, else under a new run. The version is tagged with the flattened eval
     metrics and the (redacted) lineage tags, and gets the alias `candidate`.
+
+    `sampling` ({temperature, max_new_tokens}) becomes the model's generation config (pure
+    ancestral sampling: do_sample, top_k=0, top_p=1), so the registered model generates the way
+    it was evaluated; `input_example` (a prompt) gives the version an example and a signature.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,12 +80,15 @@ def register_policy(
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True,
                                                  trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    if sampling is not None:
+        model.generation_config = evaluated_generation_config(model, tokenizer, sampling)
     client = MlflowClient()
 
     active = mlflow.active_run()
     if run_id is None and active is None:
         with mlflow.start_run(run_name=f"register-{registered_name}") as run:
-            info = _log_policy(model, tokenizer, registered_name, run.info.run_id, None)
+            info = _log_policy(model, tokenizer, registered_name, run.info.run_id, None,
+                               input_example)
     else:
         run_id = run_id or active.info.run_id
         model_id = None
@@ -91,7 +100,7 @@ def register_policy(
                 source_run_id=run_id,
                 experiment_id=client.get_run(run_id).info.experiment_id,
             ).model_id
-        info = _log_policy(model, tokenizer, registered_name, run_id, model_id)
+        info = _log_policy(model, tokenizer, registered_name, run_id, model_id, input_example)
 
     version = str(info.registered_model_version)
     tags = {**flatten_metrics(eval_metrics), **redact(lineage_tags)}
@@ -101,11 +110,31 @@ def register_policy(
     return int(version)
 
 
-def _log_policy(model, tokenizer, registered_name: str, run_id: str, model_id: str | None):
+def evaluated_generation_config(model, tokenizer, sampling: Mapping[str, Any]):
+    """The generation config evaluate sampled with: every other sampling field at its neutral
+    value, whatever the base model's own generation_config.json said."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True, temperature=float(sampling["temperature"]), top_k=0, top_p=1.0,
+        max_new_tokens=int(sampling["max_new_tokens"]), eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=model.config.bos_token_id)
+
+
+def _log_policy(model, tokenizer, registered_name: str, run_id: str, model_id: str | None,
+                input_example: str | None = None):
+    signature = None
+    if input_example is not None:
+        from mlflow.models import infer_signature
+
+        # Declared rather than inferred: inference would generate from the example.
+        signature = infer_signature(input_example, "generated text")
     return mlflow.transformers.log_model(
         {"model": model, "tokenizer": tokenizer},
         name="policy",
         task="text-generation",
+        input_example=input_example,
+        signature=signature,
         pip_requirements=pip_requirements(),
         registered_model_name=registered_name,
         run_id=run_id,  # forwarded to mlflow.models.Model.log
