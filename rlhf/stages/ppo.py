@@ -35,19 +35,21 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from rlhf import rl_math as rl
+from rlhf.artifacts import require_model
 from rlhf.config import Params, PPOConfig
 from rlhf.data import builtin_sort
 from rlhf.data.tokenize import collate_sft, encode, encode_sft
 from rlhf.engine import make_accelerator, save_checkpoint
 from rlhf.errors import DataError
 from rlhf.generation import decode_responses, generate
-from rlhf.io import atomic_dir, atomic_write_text, read_json, read_jsonl, write_json
+from rlhf.io import atomic_dir, atomic_write_text, read_jsonl, write_json
 from rlhf.models import lora
 from rlhf.models.loading import (AdaptersDisabled, ScalarHeadModel, lm_logits, load_causal_lm,
                                  load_tokenizer, position_kwargs)
 from rlhf.paths import Paths
 from rlhf.progress import progress_bar
 from rlhf.stages import reference as reference_stage
+from rlhf.stages import reward as reward_stage
 from rlhf.tracking import MetricsLogger, NullLogger
 
 
@@ -199,8 +201,8 @@ def prompt_batches(prompts: list[str], batch_size: int, seed: int):
 def load_models(params: Params, paths: Paths):
     """(tokenizer, policy+value, reference, reward model, reference sha256)."""
     trust, cfg = params.model.trust_remote_code, params.model
-    read_json(paths.sft / "config.json", produced_by="sft")
-    read_json(paths.reward / "config.json", produced_by="reward")
+    require_model(paths.sft, produced_by="sft")
+    reward_stage.verify(paths.reward)
     reference_hash = reference_stage.verify(paths.reference)
     tokenizer = load_tokenizer(paths.sft, trust)
     if cfg.lora:
