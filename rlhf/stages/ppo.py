@@ -25,6 +25,7 @@ a plain Hugging Face model, as without LoRA.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +109,8 @@ def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, query_width
 
 @torch.no_grad()
 def collect_rollout(model: PolicyAndValue, reference: nn.Module, reward_model: ScalarHeadModel,
-                    tokenizer, prompts: list[str], cfg: PPOConfig, device) -> Rollout:
+                    tokenizer, prompts: list[str], cfg: PPOConfig, device,
+                    autocast: Callable = contextlib.nullcontext) -> Rollout:
     policy = model.policy
     policy.eval()
     query, query_mask, responses = generate(
@@ -123,10 +125,13 @@ def collect_rollout(model: PolicyAndValue, reference: nn.Module, reward_model: S
 
     logits, values = model(query_responses, attention_mask)
     logprobs, _ = response_logprobs(logits, responses, width, cfg.temperature)
-    ref_logprobs, _ = response_logprobs(lm_logits(reference, query_responses, attention_mask),
-                                        responses, width, cfg.temperature)
+    # The policy's forward runs under the accelerator's autocast (bf16/fp16), so the
+    # reference and reward forwards must too: else the KL at step 1 is precision noise, not 0.
+    with autocast():
+        ref_logits = lm_logits(reference, query_responses, attention_mask).float()
+        scores = reward_model.score(query_responses, attention_mask).float()  # (B,)
+    ref_logprobs, _ = response_logprobs(ref_logits, responses, width, cfg.temperature)
     values = values[:, width - 1:-1]  # (B, R): V(s_t) read where a_t is predicted
-    scores = reward_model.score(query_responses, attention_mask)  # (B,)
     has_eos = (responses == tokenizer.eos_token_id).any(1)
     if cfg.missing_eos_penalty is not None:
         scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.missing_eos_penalty))
@@ -272,7 +277,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         for step in range(1, cfg.steps + 1):
             start = time.perf_counter()
             batch = collect_rollout(unwrapped, reference, reward_model, tokenizer,
-                                    next(batches), cfg, device)
+                                    next(batches), cfg, device, accelerator.autocast)
             # Steps 3-4: shaped rewards, GAE, whitened advantages.
             kl = rl.per_token_kl(batch.logprobs, batch.ref_logprobs)  # (B, R), 0 at padding
             lengths = batch.mask.sum(1)
