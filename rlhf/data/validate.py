@@ -131,8 +131,9 @@ def adapt(rows: Iterable[RawRow], adapter: Callable[[dict, ChatRenderer], tuple[
         longest = max(RESPONSES[kind], key=lambda k: len(outcome.row[k]), default=None)
         chars = len(outcome.row["prompt"]) + (len(outcome.row[longest]) if longest else 0)
         if chars > limit:
-            name = longest or "prompt"
-            what = f"prompt + {name}" if longest else "prompt"
+            what = f"prompt + {longest}" if longest else "prompt"
+            name = max(("prompt", *([longest] if longest else [])),
+                       key=lambda k: len(outcome.row[k]))  # the field to shorten
             candidates[j] = (raw, BadRow(
                 "too_long", outcome.fields.get(name, name),
                 f"is too long: {what} is {chars} characters, more than data.max_length "
