@@ -135,11 +135,14 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_bf16_kl_is_exactly_zero_before_the_first_update(upstream_copy, fresh_accelerate_state):
+@pytest.mark.parametrize("extra", [[], ["model.lora=true"], ["ppo.value_model=policy_head"]],
+                         ids=["full", "lora", "policy_head"])
+def test_bf16_kl_is_exactly_zero_before_the_first_update(upstream_copy, fresh_accelerate_state,
+                                                         extra):
     """Under bf16 autocast (on CPU here) the first rollout's policy, reference and reward
     forwards run at one precision: the policy is still the reference, so the KL is 0.0."""
     params = load_params(REPO / "params.yaml", TINY_OVERRIDES + [
-        "train.precision=bf16", "ppo.steps=1", "ppo.checkpoint_every=100"])
+        "train.precision=bf16", "ppo.steps=1", "ppo.checkpoint_every=100", *extra])
     logger = RecordingLogger()
     stages.get("ppo")(params, Paths(upstream_copy), logger)
     first = next(metrics for step, metrics in logger.metrics if step == 1)
