@@ -220,13 +220,17 @@ def _run_stage(stage: str, params: dict, root: str, parent_run_id: str,
     the Prefect flow run that produced it (a later cached run returns the same dict).
     """
     from rlhf import stages
+    from rlhf.checkpoints import resumable
     from rlhf.mlops.mlflow_tracking import stage_run
 
     project = Path(root)
     paths = Paths(project)
     parsed = Params.model_validate(params)
     tags = {"prefect.flow_run_id": current_flow_run.id, "prefect.task_run_id": current_task_run.id}
-    with stage_run(stage, parent_run_id, tags=tags) as logger:
+    # A stage interrupted earlier resumes from its checkpoints and continues its MLflow run.
+    interrupted = resumable(paths.checkpoints / stage) or {}
+    with stage_run(stage, parent_run_id, tags=tags,
+                   resume_run_id=interrupted.get("tracking_run_id")) as logger:
         if stage == "register":
             from rlhf.mlops.register import register
 

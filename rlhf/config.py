@@ -195,6 +195,8 @@ class TrainConfig(Section):
     """Force the CPU even when a GPU is present."""
     num_threads: int = Field(0, ge=0)
     """torch CPU threads; 0 leaves torch's default."""
+    checkpoint_keep: int = Field(2, ge=1)
+    """Resumable checkpoints kept per stage (the newest ones); older ones are deleted."""
 
 
 class SFTConfig(Section):
@@ -210,6 +212,8 @@ class SFTConfig(Section):
     """AdamW weight decay."""
     log_every: int = Field(20, ge=1)
     """Log the training loss every this many steps."""
+    checkpoint_every: int = Field(250, ge=1)
+    """Write a resumable checkpoint every this many steps (and at the last)."""
 
 
 class RewardConfig(Section):
@@ -227,6 +231,8 @@ class RewardConfig(Section):
     """SFT samples whose mean score is shifted to 0 after training."""
     log_every: int = Field(20, ge=1)
     """Log the training loss and accuracy every this many steps."""
+    checkpoint_every: int = Field(50, ge=1)
+    """Write a resumable checkpoint every this many steps (and at the last)."""
 
 
 class PPOConfig(Section):
@@ -275,7 +281,7 @@ class PPOConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm."""
     checkpoint_every: int = Field(50, ge=1)
-    """Write a resumable checkpoint every this many steps."""
+    """Write a resumable checkpoint every this many steps (and at the last)."""
     gold_every: int = Field(1, ge=1)
     """Score the rollouts with the gold reward every this many steps (builtin task only)."""
 

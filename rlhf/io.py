@@ -6,7 +6,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -14,20 +16,56 @@ from typing import Any, Iterable, Iterator
 from rlhf.errors import DataError, MissingInputError
 
 
+# Temp names carry their writer's pid and host: what a killed writer left behind is recognised
+# (its pid is gone) and removed by the next write into the same directory.
+_ORPHAN = re.compile(r"^\.(tmp|old)-.*\.pid(?P<pid>\d+)@(?P<host>[^.]*)\.")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_orphans(directory: Path) -> list[Path]:
+    """Delete the temp files and dirs that killed writers left in `directory`; return them."""
+    removed = []
+    host = socket.gethostname().split(".")[0]
+    for entry in Path(directory).iterdir() if Path(directory).is_dir() else ():
+        match = _ORPHAN.match(entry.name)
+        if match and match["host"] == host and not _alive(int(match["pid"])):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _owner_tag() -> str:
+    return f".pid{os.getpid()}@{socket.gethostname().split('.')[0]}."
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp dir beside `final`; on success it replaces `final` in one rename.
 
-    A crash inside the block leaves `final` as it was (old or absent), never half written.
+    A crash inside the block leaves `final` as it was (old or absent), never half written;
+    the temp dir it leaves is removed by the next write into the same directory.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    remove_orphans(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}{_owner_tag()}", dir=final.parent))
     try:
         yield tmp
         follow_umask(tmp)
         if final.exists():
-            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            old = final.with_name(f".old-{final.name}{_owner_tag()}")
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
@@ -65,7 +103,8 @@ def follow_umask(directory: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    remove_orphans(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}{_owner_tag()}", dir=path.parent)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     # mkstemp makes the file private (0600): keep the old file's mode, else the umask's default.

@@ -7,7 +7,8 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 
 def _enabled() -> bool:
@@ -15,14 +16,15 @@ def _enabled() -> bool:
 
 
 @contextmanager
-def progress_bar(description: str, total: int) -> Iterator["_Bar"]:
+def progress_bar(description: str, total: int, completed: int = 0) -> Iterator["_Bar"]:
+    """A bar with elapsed time and an ETA; `completed` steps are already done (a resume)."""
     if not _enabled():
         yield _Bar(None, None)
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
-                  transient=False) as progress:
-        task = progress.add_task(description, total=total, info="")
+                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                  TextColumn("{task.fields[info]}"), transient=False) as progress:
+        task = progress.add_task(description, total=total, completed=completed, info="")
         yield _Bar(progress, task)
 
 
