@@ -254,6 +254,10 @@ def _run_stage(stage: str, params: dict, root: str, parent_run_id: str,
 _TASK_OPTIONS = dict(cache_key_fn=stage_cache_key, persist_result=True, result_serializer="json",
                      cache_result_in_memory=False)
 _RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_unless_user_error)
+# A training stage's retry resumes from its newest checkpoint (rlhf.checkpoints), so a
+# transient fault (a lost GPU, a network filesystem hiccup) costs the steps since it only.
+_RESUMING_RETRY = dict(retries=1, retry_delay_seconds=10,
+                       retry_condition_fn=_retry_unless_user_error)
 
 
 @task(name="prepare", task_run_name="prepare", **_TASK_OPTIONS, **_RETRY)
@@ -263,14 +267,14 @@ def prepare(params: dict, root: str, parent_run_id: str,
     return _run_stage("prepare", params, root, parent_run_id, inputs)
 
 
-@task(name="sft", task_run_name="sft", **_TASK_OPTIONS)
+@task(name="sft", task_run_name="sft", **_TASK_OPTIONS, **_RESUMING_RETRY)
 def sft(params: dict, root: str, parent_run_id: str,
         inputs: Optional[dict[str, str]] = None) -> dict:
     """Supervised fine-tuning of the base model."""
     return _run_stage("sft", params, root, parent_run_id, inputs)
 
 
-@task(name="reward", task_run_name="reward", **_TASK_OPTIONS)
+@task(name="reward", task_run_name="reward", **_TASK_OPTIONS, **_RESUMING_RETRY)
 def reward(params: dict, root: str, parent_run_id: str,
            inputs: Optional[dict[str, str]] = None) -> dict:
     """Train the reward model on preference pairs."""
@@ -284,7 +288,7 @@ def reference(params: dict, root: str, parent_run_id: str,
     return _run_stage("reference", params, root, parent_run_id, inputs)
 
 
-@task(name="ppo", task_run_name="ppo", **_TASK_OPTIONS)
+@task(name="ppo", task_run_name="ppo", **_TASK_OPTIONS, **_RESUMING_RETRY)
 def ppo(params: dict, root: str, parent_run_id: str,
         inputs: Optional[dict[str, str]] = None) -> dict:
     """PPO with a per-token KL penalty against the reference."""

@@ -50,28 +50,31 @@ def rlhf_stage(root: Path, stage: str, *args: str) -> list[str]:
             "--params", str(root / "params.yaml"), *args]
 
 
-def run_ok(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+def run_ok(command: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-def kill_after_first_checkpoint(command: list[str], cwd: Path, stage: str) -> int:
-    """Start the stage, SIGKILL it as soon as a checkpoint exists; return that step."""
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+def kill_after_first_checkpoint(command: list[str], cwd: Path, stage: str,
+                                env: dict | None = None) -> int:
+    """Start the command, SIGKILL its whole process group as soon as `stage` has written a
+    checkpoint of this run (not a finished run's); return that checkpoint's step."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     directory = cwd / "checkpoints" / stage
     deadline = time.monotonic() + 300
-    while not ckpt.checkpoint_dirs(directory):
-        assert process.poll() is None, f"{stage} exited before its first checkpoint: " + \
+    while ckpt.resumable(directory) is None:
+        assert process.poll() is None, f"exited before a {stage} checkpoint: " + \
             process.stderr.read()[-2000:]
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
         time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
     process.stderr.close()
     assert process.returncode == -signal.SIGKILL
-    return ckpt.read_state(ckpt.checkpoint_dirs(directory)[-1])["step"]
+    return ckpt.resumable(directory)["step"]
 
 
 def tree_hashes(directory: Path) -> dict[str, str]:
@@ -123,6 +126,26 @@ def test_kill_9_then_rerun_resumes_exactly(stage, trained_upstream, tmp_path):
     if stage == "ppo":
         steps = {m.step for m in client.get_metric_history(run_id, "objective/kl")}
         assert steps == set(range(1, total + 1))
+
+
+@pytest.mark.slow
+def test_rlhf_run_killed_in_ppo_resumes_on_the_next_run(tiny_project):
+    """The whole flow: kill -9 `rlhf run` mid-PPO; the next `rlhf run` takes the finished
+    stages from the cache and resumes PPO from its checkpoint."""
+    root = tiny_project
+    write_overrides(root / "params.yaml", RESUME_OVERRIDES["ppo"])
+    env = {**os.environ, "PREFECT_HOME": str(root / ".prefect-home")}
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "rlhf.cli", "run", "--root", str(root),
+               "--params", str(root / "params.yaml")]
+    kill_after_first_checkpoint(command, root, "ppo", env=env)
+    assert not (root / "metrics" / "ppo.json").exists()
+
+    result = run_ok(command, root, env=env)
+    assert "model version: rlhf-policy v1" in result.stdout
+    final = ckpt.read_state(ckpt.checkpoint_dirs(root / "checkpoints" / "ppo")[-1])
+    assert final["complete"] and final["step"] == 8 and final["resumed_from"] is not None
 
 
 def test_checkpoint_of_other_params_is_refused_and_fresh_starts_over(trained_upstream, tmp_path):
