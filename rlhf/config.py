@@ -12,19 +12,52 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+import types
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from rlhf.errors import ParamsError
 
 
 class Section(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", use_attribute_docstrings=True, validate_assignment=True, frozen=False
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True, frozen=False,
+        allow_inf_nan=False,  # `ppo.lr=inf` or `.nan` would only fail deep inside a stage
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1: `ppo.steps=true` would run one step.
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and bool not in _types_of(annotation):
+            raise PydanticCustomError("bool_not_allowed",
+                                      f"Input should be {_expected(annotation)}, not a boolean")
+        return value
+
+
+def _expected(annotation: Any) -> str:
+    kinds = _types_of(annotation)
+    optional = " or null" if type(None) in kinds else ""
+    choices = [repr(a) for k in kinds if get_origin(k) is Literal for a in get_args(k)]
+    if choices:
+        return "one of " + ", ".join(choices)
+    if int in kinds:
+        return "an integer" + optional
+    if float in kinds:
+        return "a number" + optional
+    return "a string" + optional
+
+
+def _types_of(annotation: Any) -> tuple:
+    """The types a field's annotation admits (the members of an Optional or Union)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return get_args(annotation)
+    return (annotation,)
 
 
 class DataConfig(Section):
@@ -295,6 +328,21 @@ class RegistryConfig(Section):
     experiment: str = Field("rlhf", min_length=1)
     """MLflow experiment that holds the pipeline runs."""
 
+    @field_validator("model_name")
+    @classmethod
+    def _registrable_name(cls, value: str) -> str:
+        # MLflow refuses '/' and ':' and names that are paths ('.', '..'), but only at the
+        # register step, after hours of training; '@' would break `models:/NAME@alias` URIs.
+        bad = sorted({c for c in value if c in "/:@" or not c.isprintable()})
+        if bad or value.strip() != value or value in (".", ".."):
+            why = (f"it contains {', '.join(map(repr, bad))}" if bad else
+                   "it has leading or trailing spaces" if value.strip() != value
+                   else "it is a path")
+            raise ValueError(
+                f"registry.model_name ({value!r}) is not a valid MLflow model name: {why}; "
+                "use letters, digits, '-', '_' and '.' (e.g. rlhf-policy)")
+        return value
+
 
 class PromoteConfig(Section):
     min_rm_win_rate_vs_reference: float = Field(0.5, ge=0, le=1)
@@ -408,8 +456,18 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         path = Path(path)
         if not path.exists():
             raise ParamsError(f"params file {path} not found; pass --params FILE or create it")
+        if path.is_dir():
+            raise ParamsError(f"params file {path} is a directory; pass --params with a YAML "
+                              "file (e.g. params.yaml)")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[:exc.start].count(b"\n") + 1
+            raise ParamsError(f"params file {path} is not UTF-8 text (line {line}); save it "
+                              "as UTF-8") from None
+        except OSError as exc:
+            raise ParamsError(f"cannot read params file {path} ({exc.strerror}); check the "
+                              "path and its permissions") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

@@ -23,15 +23,17 @@ from pathlib import Path
 import torch
 
 from rlhf import rl_math as rl
+from rlhf.artifacts import require_model
 from rlhf.config import Params
 from rlhf.data.tokenize import encode
 from rlhf.engine import make_accelerator
 from rlhf.generation import decode_responses, generate
-from rlhf.io import atomic_write_text, read_json, read_jsonl, write_json
+from rlhf.io import atomic_write_text, read_jsonl, write_json
 from rlhf.models.loading import ScalarHeadModel, lm_logits, load_causal_lm, load_tokenizer
 from rlhf.paths import Paths
 from rlhf.progress import progress_bar
 from rlhf.stages import reference as reference_stage
+from rlhf.stages import reward as reward_stage
 from rlhf.stages.ppo import gold_reward_fn, response_logprobs
 from rlhf.tracking import MetricsLogger, NullLogger
 
@@ -144,8 +146,8 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     available = [r["prompt"] for r in read_jsonl(paths.prepared / "eval_prompts.jsonl",
                                                  produced_by="prepare")]
     prompts = select_prompts(available, params.eval.max_prompts, params.data.seed)
-    read_json(paths.policy / "config.json", produced_by="ppo")
-    read_json(paths.reward / "config.json", produced_by="reward")
+    require_model(paths.policy, produced_by="ppo")
+    reward_stage.verify(paths.reward)
     reference_stage.verify(paths.reference)
     accelerator = make_accelerator(params.train, seed_offset=5)
     device = accelerator.device
