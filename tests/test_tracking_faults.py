@@ -329,7 +329,8 @@ def test_killed_rlhf_run_leaves_no_half_state(tmp_path):
     flow_run_id = client.get_run(parent_id).data.tags["prefect.flow_run_id"]
     assert client.get_run(parent_id).info.status == "RUNNING"
 
-    again = rlhf("run", *sets, env=env, cwd=project, timeout=400)
+    # --fresh: the killed PPO checkpoints were made with other params (ppo.steps).
+    again = rlhf("run", *sets, "--fresh", env=env, cwd=project, timeout=400)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert client.get_run(parent_id).info.status == "KILLED"
     assert client.get_run(run.info.run_id).info.status == "KILLED"

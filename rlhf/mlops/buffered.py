@@ -182,7 +182,7 @@ class RunBuffer:
                 # if it is the one the run was on.
                 handle.write(json.dumps({"op": "header", "run_id": self.run_id,
                                          "tracking_uri": redact_value(self.tracking_uri)}) + "\n")
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(record, default=str) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -237,6 +237,11 @@ def send(client, run_id: str, record: dict[str, Any], files: Path) -> None:
             client.log_artifacts(run_id, str(path), record.get("artifact_path"))
         else:
             client.log_artifact(run_id, str(path), record.get("artifact_path"))
+    elif op == "table":
+        import mlflow
+
+        mlflow.log_table(data=record["data"], artifact_file=record["artifact_file"],
+                         run_id=run_id)
     elif op == "terminate":
         client.set_terminated(run_id, record["status"], end_time=record.get("end_time"))
     elif op != "header":
