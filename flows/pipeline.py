@@ -670,6 +670,11 @@ def serve_pipeline(cron: str, params_file: str = "params.yaml",
         raise UserError(f"cron {cron!r} is not a valid cron expression "
                         "(e.g. '0 3 * * *')") from None
     load_params(params_file, overrides or [])
+    for text in overrides or []:
+        if redact_override(text) != text:
+            raise UserError(f"override {redact_override(text)!r} holds a credential, and a "
+                            "deployment's parameters are stored in Prefect; put it in the "
+                            "params file instead of --set")
     parameters = {"params_file": str(Path(params_file).resolve()),
                   "overrides": list(overrides or []), "root": str(Path(root).resolve())}
     rlhf_pipeline.serve(name=name, cron=cron, parameters=parameters)

@@ -96,7 +96,10 @@ def stage(
         if fresh:
             _delete_checkpoints(paths, [name])
         if name == "register":
+            from rlhf.mlops import mlflow_tracking as mt
             from rlhf.mlops.register import register
+
+            mt.ensure_reachable(mt.configure(paths.root))
 
             metrics = register(params, paths, parent_run_id=parent)
         else:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, TINY_OVERRIDES
 
 pytest.importorskip("prefect")
 pytest.importorskip("mlflow")
@@ -96,7 +96,8 @@ pathlib.Path(sys.argv[2]).write_bytes(record.serialize())
 def test_a_hand_edited_pickle_record_is_refused_never_loaded(project, tmp_path):
     """A record in the result cache whose serializer was changed to pickle, with a payload
     that creates a file when unpickled: `rlhf run` stops with one line, the file is not
-    created. (Prefect itself would run it: checked first in a separate process.)"""
+    created. (Prefect itself would run it: checked first in a separate process.) Once the
+    record is deleted, `rlhf run --no-track` runs the pipeline without MLflow."""
     results = project / ".prefect-results"
     results.mkdir()
     record = results / "prepare-0123456789abcdef"
@@ -120,6 +121,17 @@ def test_a_hand_edited_pickle_record_is_refused_never_loaded(project, tmp_path):
     assert lines[-1].startswith("error: result record") and "'pickle'" in lines[-1]
     assert ".prefect-results/prepare-0123456789abcdef" in lines[-1]
     assert "Traceback" not in result.stderr
+    assert not marker.exists()
+
+    # Deleted as the line says, the cache rebuilds; --no-track runs every stage without MLflow.
+    record.unlink()
+    sets = [arg for override in TINY_OVERRIDES for arg in ("--set", override)]
+    result = run_cli(project, "run", "--no-track", *sets)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()
+    assert (project / "metrics" / "eval.json").exists()
+    assert not (project / "metrics" / "register.json").exists()
+    assert "Error logging to API" not in result.stderr  # logs sent before the server stopped
     assert not marker.exists()
 
 

@@ -39,6 +39,19 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _drain_prefect_workers() -> None:
+    """Send the logs and events Prefect still queues in the background while the server is
+    up (Prefect's own temporary server is stopped only at exit, after they are sent)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=10, at_exit=False)
+        except Exception:  # best effort: the run itself is over
+            pass
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -99,7 +112,10 @@ def temporary_server(root: Path, timeout: Optional[float] = None) -> Iterator[Op
                                 "running server")
             time.sleep(0.2)
         with temporary_settings({PREFECT_API_URL: url}):
-            yield url
+            try:
+                yield url
+            finally:
+                _drain_prefect_workers()
     finally:
         server.terminate()
         try:
