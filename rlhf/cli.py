@@ -29,6 +29,10 @@ RootOption = typer.Option(Path("."), "--root",
 FreshOption = typer.Option(False, "--fresh",
                            help="Ignore the checkpoints of an interrupted run and start over.")
 PARENT_RUN_ENV = "RLHF_MLFLOW_PARENT_RUN_ID"
+# The temporary Prefect server of `rlhf run` (no PREFECT_API_URL) migrates a fresh database
+# on its first start: 20 s, Prefect's default, is too short on a busy laptop. No telemetry.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _log_progress_lines() -> None:
