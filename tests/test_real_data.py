@@ -139,3 +139,12 @@ def test_champion_loads_and_generates_as_evaluated(project):
             "print(type(m('user: 1+2?')[0]['generated_text']).__name__)")
     result = sh("python", "-c", code, cwd=root, env=env)
     assert result.stdout.split() == ["True", "0", "1.0", "10", "str"]
+
+
+def test_status_shows_candidate_and_champion_from_the_active_store(project):
+    root, env, _ = project
+    result = sh("rlhf", "status", cwd=root, env=env)
+    text = " ".join(result.stdout.split())
+    assert "candidate: rlhf-policy v2" in text and "champion: rlhf-policy v1" in text
+    assert "RM win rate" in text and "git " in text and "/#/experiments/" in text
+    assert f"--backend-store-uri sqlite:///{root}/mlflow.db" in text
