@@ -289,6 +289,8 @@ class RegistryConfig(Section):
 
 
 class PromoteConfig(Section):
+    auto: bool = False
+    """Run the promotion gate (the `promote` flow) right after each pipeline run registers a version."""
     min_gold_ratio_vs_champion: float = Field(1.0, ge=0)
     """The candidate's gold reward must be at least this times the current champion's."""
     min_gold_ratio_vs_reference: float = Field(1.0, ge=0)

@@ -1,0 +1,37 @@
+"""Where the stage tasks' results (and so the flow's cache) live.
+
+By default `<root>/.prefect-results`, with the project. A team sets `RLHF_RESULT_STORAGE` to a
+shared location (`s3://bucket/prefix`, what `source infra/env.sh` exports) so that every worker
+reads and writes one cache. The S3 endpoint and keys come from the standard AWS variables
+(`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`), so
+no secret is stored in Prefect. Results are JSON (the tasks' `result_serializer`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = ".prefect-results"
+ENV_VAR = "RLHF_RESULT_STORAGE"
+
+
+def results_location(root: Path) -> Any:
+    """A path, or an fsspec file system for a URL such as `s3://prefect/results`."""
+    location = os.environ.get(ENV_VAR, "").strip()
+    if not location:
+        return Path(root) / RESULTS_DIR
+    if "://" not in location:
+        return Path(location).expanduser()
+    from prefect.filesystems import RemoteFileSystem
+
+    settings: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if location.startswith("s3://") and endpoint:
+        settings["client_kwargs"] = {"endpoint_url": endpoint}
+    return RemoteFileSystem(basepath=location.rstrip("/"), settings=settings)
+
+
+def describe(location: Any) -> str:
+    return str(getattr(location, "basepath", location))
