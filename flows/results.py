@@ -5,10 +5,14 @@ shared location (`s3://bucket/prefix`, what `source infra/env.sh` exports) so th
 reads and writes one cache. The S3 endpoint and keys come from the standard AWS variables
 (`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`), so
 no secret is stored in Prefect. Results are JSON (the tasks' `result_serializer`).
+
+Prefect wants remote result storage saved as a block on its server: it is saved under a name
+derived from the location and endpoint (`rlhf-results-<hash>`), holding no credentials.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,18 @@ def results_location(root: Path) -> Any:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if location.startswith("s3://") and endpoint:
         settings["client_kwargs"] = {"endpoint_url": endpoint}
-    return RemoteFileSystem(basepath=location.rstrip("/"), settings=settings)
+    storage = RemoteFileSystem(basepath=location.rstrip("/"), settings=settings)
+    name = "rlhf-results-" + hashlib.sha256(
+        f"{storage.basepath}|{endpoint}".encode()).hexdigest()[:12]
+    try:
+        return RemoteFileSystem.load(name)
+    except ValueError:  # not saved yet
+        pass
+    try:
+        storage.save(name)
+    except ValueError:  # saved meanwhile by a concurrent run
+        return RemoteFileSystem.load(name)
+    return storage
 
 
 def describe(location: Any) -> str:
