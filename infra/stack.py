@@ -468,6 +468,10 @@ def up() -> None:
     for name in missing:
         print(f"starting {name} ...", flush=True)
         STARTERS[name](cfg, creds)
+    # The stack kept in this checkout serves this checkout's DVC: `dvc push` works at once.
+    # (A stack elsewhere, e.g. a test's, leaves it alone: `stack.py dvc-remote DIR` does it.)
+    if home() == (HERE / ".state").resolve() and (HERE.parent / ".dvc").is_dir():
+        dvc_remote(str(HERE.parent))
     u = urls(cfg)
     print(f"rlhf infra is up in {time.monotonic() - started:.0f} s (state in {home()}):\n"
           f"  MLflow   {u['mlflow']}\n  Prefect  {u['prefect'].removesuffix('/api')}\n"

@@ -53,7 +53,9 @@ CLIENT_VARS = ("MLFLOW_", "PREFECT_API_URL", "AWS_", "RLHF_")
 
 
 def _free(port: int) -> bool:
+    """Nothing listens on it (connections in TIME_WAIT do not stop a server binding it)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
