@@ -426,7 +426,10 @@ def test_down_then_up_keeps_everything(two_runs, stack):
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
     assert again.id == deployment.id
     assert {r.id for r in runs.values()} <= {r.id for r in flow_runs}
-    # And the artifacts still come back through the server.
-    path = mlflow.artifacts.download_artifacts(
-        "models:/rlhf-policy@candidate", tracking_uri=stack.client["MLFLOW_TRACKING_URI"])
-    assert list(Path(path).rglob("model.safetensors"))
+    # And the weights still come back through the server, in a process with no S3 keys.
+    script = ("import mlflow, pathlib; p = mlflow.artifacts.download_artifacts("
+              "'models:/rlhf-policy@candidate'); "
+              "print(len(list(pathlib.Path(p).rglob('model.safetensors'))))")
+    env = {**clean_env(), "MLFLOW_TRACKING_URI": stack.client["MLFLOW_TRACKING_URI"]}
+    out = sh([sys.executable, "-c", script], env, cwd=Path(tempfile.gettempdir())).stdout
+    assert out.split()[-1] == "1"
