@@ -25,8 +25,8 @@ returns what it returned last time. The cache key of a stage (`stage_cache_key`)
 
 Results (small dicts) are persisted as JSON under `<root>/.prefect-results`, so the cache
 lives with the project and survives across processes (serve, workers); `RLHF_RESULT_STORAGE`
-moves it to shared storage (`flows/results.py`) that every worker of a team reads. The cache is never
-trusted blindly: if a stage's outputs are missing the task runs with `refresh_cache=True`,
+moves it to shared storage (`flows/results.py`) that every worker of a team reads. The cache
+is never trusted blindly: if a stage's outputs are missing the task runs with `refresh_cache=True`,
 and if a cached stage's outputs no longer hash to what it recorded (edited or replaced by
 hand) it is run again the same way.
 """
@@ -218,14 +218,19 @@ def _run_stage(stage: str, params: dict, root: str, parent_run_id: str,
     The result: stage, hash (of its outputs), outputs, metrics (scalars), mlflow_run_id and
     the Prefect flow run that produced it (a later cached run returns the same dict).
     """
+    from flows.prefect_logging import stage_reporting
     from rlhf import stages
+    from rlhf.checkpoints import resumable
     from rlhf.mlops.mlflow_tracking import stage_run
 
     project = Path(root)
     paths = Paths(project)
     parsed = Params.model_validate(params)
     tags = {"prefect.flow_run_id": current_flow_run.id, "prefect.task_run_id": current_task_run.id}
-    with stage_run(stage, parent_run_id, tags=tags) as logger:
+    # A stage interrupted earlier resumes from its checkpoints and continues its MLflow run.
+    interrupted = resumable(paths.checkpoints / stage) or {}
+    with stage_run(stage, parent_run_id, tags=tags,
+                   resume_run_id=interrupted.get("tracking_run_id")) as logger:
         if stage == "register":
             from rlhf.mlops.register import register
 
@@ -233,7 +238,8 @@ def _run_stage(stage: str, params: dict, root: str, parent_run_id: str,
             metrics = register(parsed, paths, parent_run_id=logger.run_id,
                                tags={"prefect.flow_run_id": current_flow_run.id, **lineage})
         else:
-            metrics = stages.get(stage)(parsed, paths, logger)
+            with stage_reporting(stage, logger) as reporting:
+                metrics = stages.get(stage)(parsed, paths, reporting)
     return {
         "stage": stage,
         "hash": outputs_hash(project, stage),
@@ -249,6 +255,10 @@ def _run_stage(stage: str, params: dict, root: str, parent_run_id: str,
 _TASK_OPTIONS = dict(cache_key_fn=stage_cache_key, persist_result=True, result_serializer="json",
                      cache_result_in_memory=False)
 _RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_unless_user_error)
+# A training stage's retry resumes from its newest checkpoint (rlhf.checkpoints), so a
+# transient fault (a lost GPU, a network filesystem hiccup) costs the steps since it only.
+_RESUMING_RETRY = dict(retries=1, retry_delay_seconds=10,
+                       retry_condition_fn=_retry_unless_user_error)
 
 
 @task(name="prepare", task_run_name="prepare", **_TASK_OPTIONS, **_RETRY)
@@ -258,14 +268,14 @@ def prepare(params: dict, root: str, parent_run_id: str,
     return _run_stage("prepare", params, root, parent_run_id, inputs)
 
 
-@task(name="sft", task_run_name="sft", **_TASK_OPTIONS)
+@task(name="sft", task_run_name="sft", **_TASK_OPTIONS, **_RESUMING_RETRY)
 def sft(params: dict, root: str, parent_run_id: str,
         inputs: Optional[dict[str, str]] = None) -> dict:
     """Supervised fine-tuning of the base model."""
     return _run_stage("sft", params, root, parent_run_id, inputs)
 
 
-@task(name="reward", task_run_name="reward", **_TASK_OPTIONS)
+@task(name="reward", task_run_name="reward", **_TASK_OPTIONS, **_RESUMING_RETRY)
 def reward(params: dict, root: str, parent_run_id: str,
            inputs: Optional[dict[str, str]] = None) -> dict:
     """Train the reward model on preference pairs."""
@@ -279,7 +289,7 @@ def reference(params: dict, root: str, parent_run_id: str,
     return _run_stage("reference", params, root, parent_run_id, inputs)
 
 
-@task(name="ppo", task_run_name="ppo", **_TASK_OPTIONS)
+@task(name="ppo", task_run_name="ppo", **_TASK_OPTIONS, **_RESUMING_RETRY)
 def ppo(params: dict, root: str, parent_run_id: str,
         inputs: Optional[dict[str, str]] = None) -> dict:
     """PPO with a per-token KL penalty against the reference."""
@@ -494,14 +504,22 @@ def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None
     from mlflow.exceptions import MlflowException
 
     from rlhf.mlops import registry
+    from rlhf.mlops.head_to_head import rm_win_rate
     from rlhf.mlops.mlflow_tracking import configure
 
     params = load_params(params_file, overrides or [])
-    configure(Path(root).resolve())
+    project = Path(root).resolve()
+    configure(project)
     name = params.registry.model_name
     gate = registry.PromotionGate(**params.promote.model_dump(exclude={"auto"}))
+
+    def against_champion(candidate: int, champion: int) -> float:
+        get_run_logger().info(f"sampling version {candidate} against champion {champion}")
+        return rm_win_rate(name, candidate, champion, params, Paths(project))
+
     try:
-        decision = registry.promote(name, version, gate)
+        decision = registry.promote(name, version, gate, champion_win_rate=(
+            against_champion if gate.min_rm_win_rate_vs_champion > 0 else None))
     except ValueError as exc:
         raise UserError(f"{exc}; run the pipeline first (`rlhf run`)") from None
     except MlflowException as exc:
@@ -512,8 +530,11 @@ def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None
     result = {"model_name": name, **dataclasses.asdict(decision)}
     verdict = "promoted to champion" if decision.promoted else "not promoted"
     lines = [f"# {name} version {decision.version}: {verdict}", "",
-             f"Previous champion: {decision.previous_champion or 'none'}", ""]
-    lines += [f"- passed: {line}" for line in decision.passed]
+             f"Previous champion: {decision.previous_champion or 'none'}", "",
+             "| criterion | value | threshold | result |", "| --- | --- | --- | --- |"]
+    lines += [f"| {c['criterion']} | {_fmt(c['value'])} | {c['threshold']} | "
+              f"{'pass' if c['passed'] else '**FAIL**'} |" for c in decision.criteria]
+    lines += ["", *[f"- passed: {line}" for line in decision.passed]]
     lines += [f"- **failed**: {line}" for line in decision.reasons]
     create_markdown_artifact(key="rlhf-promotion", markdown="\n".join(lines) + "\n",
                              description=f"Promotion gate for {name} v{decision.version}")

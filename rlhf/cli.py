@@ -26,7 +26,28 @@ SetOption = typer.Option(None, "--set", "-s",
                          help="Override a param: section.key=value (repeatable).")
 RootOption = typer.Option(Path("."), "--root",
                           help="Project directory holding data/, models/, metrics/.")
+FreshOption = typer.Option(False, "--fresh",
+                           help="Ignore the checkpoints of an interrupted run and start over.")
 PARENT_RUN_ENV = "RLHF_MLFLOW_PARENT_RUN_ID"
+
+
+def _log_progress_lines() -> None:
+    """Progress lines (rlhf.progress) on stderr when no live bar can be drawn there."""
+    import logging
+    import sys
+
+    if sys.stderr.isatty() and not os.environ.get("RLHF_NO_PROGRESS"):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("rlhf")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+@app.callback()
+def _main() -> None:
+    _log_progress_lines()
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -56,8 +77,13 @@ def stage(
     root: Path = RootOption,
     track: bool = typer.Option(True, help="Log the stage to MLflow as a run (a child of "
                                           f"${PARENT_RUN_ENV} when set)."),
+    fresh: bool = FreshOption,
 ) -> None:
-    """Run one stage alone (what each dvc.yaml stage calls)."""
+    """Run one stage alone (what each dvc.yaml stage calls).
+
+    A training stage (sft, reward, ppo) that was interrupted resumes from its newest
+    checkpoint under checkpoints/NAME, continuing the same MLflow run; --fresh starts over.
+    """
     from rlhf import stages
     from rlhf.paths import Paths
 
@@ -65,6 +91,8 @@ def stage(
     parent = os.environ.get(PARENT_RUN_ENV)
     try:
         params = _load(params_file, overrides)
+        if fresh:
+            _delete_checkpoints(paths, [name])
         if name == "register":
             from rlhf.mlops.register import register
 
@@ -80,14 +108,26 @@ def stage(
                                if isinstance(v, (int, float, str, bool))}))
 
 
+def _delete_checkpoints(paths, names: List[str]) -> None:
+    """--fresh: forget the checkpoints of these stages, so they start from step 0."""
+    import shutil
+
+    for name in names:
+        shutil.rmtree(paths.checkpoints / name, ignore_errors=True)
+
+
 def _stage_logger(name, params, paths, parent: Optional[str], track: bool):
     if not (track and _tracking_available()):
         return nullcontext(None)
+    from rlhf.checkpoints import resumable
     from rlhf.mlops import mlflow_tracking as mt
 
     mt.configure(paths.root)
-    if parent:
-        return mt.stage_run(name, parent)
+    interrupted = resumable(paths.checkpoints / name) or {}
+    resume_run = mt.existing_run(interrupted.get("tracking_run_id"))
+    if parent or resume_run:
+        # A resumed stage continues the MLflow run its checkpoints were logged to.
+        return mt.stage_run(name, parent, resume_run_id=resume_run and resume_run.info.run_id)
     return mt.pipeline_run(params.registry.experiment, params, tags={"stage": name},
                            run_name=f"stage-{name}", project_root=paths.root)
 
@@ -97,8 +137,12 @@ def run(
     params_file: Path = ParamsOption,
     overrides: Optional[List[str]] = SetOption,
     root: Path = RootOption,
+    fresh: bool = FreshOption,
 ) -> None:
     """Run the whole pipeline now as the Prefect flow `rlhf-pipeline`.
+
+    A training stage interrupted by an earlier run resumes from its newest checkpoint;
+    --fresh deletes every stage's checkpoints first and starts over.
 
     Overrides are written into the params file first (as `dvc exp run -S` does), so the
     file, the artifacts and dvc.lock agree afterwards.
@@ -107,6 +151,10 @@ def run(
 
     try:
         _load(params_file, overrides)
+        if fresh:
+            from rlhf.paths import Paths
+
+            _delete_checkpoints(Paths(root), ["sft", "reward", "ppo"])
         summary = run_pipeline(str(params_file), list(overrides or []), str(root))
     except UserError as exc:
         fail(str(exc))
@@ -146,6 +194,12 @@ def promote(
         decision = promote_flow(str(params_file), version, str(root))
     except UserError as exc:
         fail(str(exc))
+    for criterion in decision["criteria"]:
+        value = criterion["value"]
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        verdict = "pass" if criterion["passed"] else "FAIL"
+        out.print(f"  {verdict}  {criterion['criterion']} = {shown} "
+                  f"(needs {criterion['threshold']})", highlight=False)
     if decision["promoted"]:
         out.print(f"[bold green]promoted[/] version {decision['version']} to champion")
         return

@@ -2,15 +2,13 @@
 
 One process by default; `accelerate launch` (or torchrun) with several processes gives DDP,
 and an Accelerate config gives DeepSpeed or FSDP on GPUs, without changes to the stages.
-Only the main process writes files.
+Only the main process writes files. Checkpoints (save and exact resume) are in
+`rlhf.checkpoints`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +17,6 @@ from accelerate.utils import set_seed
 from transformers import get_cosine_schedule_with_warmup
 
 from rlhf.config import TrainConfig
-from rlhf.io import atomic_dir
 
 
 def make_accelerator(cfg: TrainConfig, seed_offset: int = 0) -> Accelerator:
@@ -43,16 +40,3 @@ def adamw_with_cosine_schedule(model: torch.nn.Module, cfg: Any, steps_per_epoch
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     return optimizer, scheduler, total_steps
-
-
-def save_checkpoint(accelerator: Accelerator, directory: Path, state: dict[str, Any]) -> None:
-    """Weights (safetensors), optimizer, scheduler and RNG states via Accelerate, plus
-    `trainer_state.json` (step, data position, controller state), written atomically."""
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    # Tied input/output embeddings are stored once; Accelerate warns about that every time.
-    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
-    with atomic_dir(directory) as tmp:
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))

@@ -126,3 +126,20 @@ def test_parent_run_and_model_version_carry_lineage(after_run):
     version = client.get_model_version("rlhf-policy", "1")
     assert version.tags["dvc.models/policy"] == tags["dvc.models/policy"]
     assert "eval.policy.gold_reward" in version.tags and "git.commit" in version.tags
+
+
+def test_dvc_repro_killed_in_ppo_resumes_from_its_checkpoint(after_run):
+    """persist: true keeps checkpoints/ppo across `dvc repro`, so a rerun resumes."""
+    from rlhf import checkpoints as ckpt
+
+    from .test_resume import kill_after_first_checkpoint
+
+    root, env, _ = after_run
+    write_overrides(root / "params.yaml", ["ppo.steps=6", "ppo.checkpoint_every=2"])
+    step = kill_after_first_checkpoint(["dvc", "repro"], root, "ppo", env=env)
+    assert 0 < step < 6
+    result = sh("dvc", "repro", cwd=root, env=env)
+    assert "Running stage 'ppo'" in result.stdout
+    final = ckpt.read_state(ckpt.checkpoint_dirs(root / "checkpoints" / "ppo")[-1])
+    assert final["complete"] and final["step"] == 6 and final["resumed_from"] is not None
+    assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=root, env=env).stdout

@@ -95,9 +95,12 @@ def test_ppo_logs_trl_metrics_each_step_and_checkpoints(pipeline):
     with open(paths.metrics / "ppo_history.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == params.ppo.steps and set(TRL_NAMES) <= set(rows[0])
-    checkpoint = paths.checkpoints / "ppo"
+    checkpoint = paths.checkpoints / "ppo" / f"step-{params.ppo.steps:08d}"
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["step"] == params.ppo.steps and "value" in state["kl_controller"]
+    assert state["complete"] and len(state["history"]) == params.ppo.steps
+    # checkpoint_every=1 with train.checkpoint_keep=2: only the newest two are kept.
+    assert len(list((paths.checkpoints / "ppo").glob("step-*"))) == min(2, params.ppo.steps)
     assert list(checkpoint.glob("*.safetensors")) and list(checkpoint.glob("optimizer*"))
     assert list(checkpoint.glob("random_states*"))
     assert (paths.policy / "model.safetensors").exists()

@@ -171,6 +171,16 @@ class MLflowLogger:
         else:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_table(self, name: str, rows, step: int | None = None) -> None:
+        """A table artifact `tables/<name>-step<step>.json` (MLflow's table view reads it)."""
+        if not rows:
+            return
+        columns = list(rows[0])
+        data = {column: [row.get(column) for row in rows] for column in columns}
+        suffix = f"-step{step:06d}" if step is not None else ""
+        mlflow.log_table(data=data, artifact_file=f"tables/{name}{suffix}.json",
+                         run_id=self.run_id)
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Params, redacted (see `redact`)."""
         if params:
@@ -244,22 +254,47 @@ def pipeline_run(
 
 @contextlib.contextmanager
 def stage_run(
-    stage_name: str, parent_run_id: str, tags: Mapping[str, Any] | None = None
+    stage_name: str, parent_run_id: str | None, tags: Mapping[str, Any] | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[MLflowLogger]:
     """A child run of `parent_run_id` for one stage; yields a logger bound to it.
 
+    `resume_run_id` (from the checkpoint of an interrupted stage) continues that run instead
+    of starting one, re-parented under `parent_run_id`, so one stage run holds every step.
     Works from any thread: with no active run in this thread the child starts as a top-level
     fluent run whose parent is set by id; if the parent is this thread's active run it starts
     with `nested=True`. The stage run is this thread's active run inside the block (so
     `mlflow.*` fluent calls made there land in it) and ends FAILED if the body raises.
     """
-    parent = MlflowClient().get_run(parent_run_id)
+    client = MlflowClient()
     active = mlflow.active_run()
-    with mlflow.start_run(
-        experiment_id=parent.info.experiment_id,
-        run_name=stage_name,
-        parent_run_id=parent_run_id,
-        nested=active is not None,
-        tags=redact({"stage": stage_name, **(tags or {})}),
-    ) as run:
-        yield MLflowLogger(run.info.run_id)
+    all_tags = redact({"stage": stage_name, **(tags or {})})
+    resumed = existing_run(resume_run_id)
+    if resumed is not None:
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        context = mlflow.start_run(run_id=resumed.info.run_id, nested=active is not None)
+    else:
+        parent = client.get_run(parent_run_id) if parent_run_id else None
+        context = mlflow.start_run(
+            experiment_id=parent.info.experiment_id if parent else None,
+            run_name=stage_name,
+            parent_run_id=parent_run_id,
+            nested=active is not None,
+            tags=all_tags,
+        )
+    with context as run:
+        logger = MLflowLogger(run.info.run_id)
+        if resumed is not None:
+            logger.set_tags({**all_tags, "rlhf.resumed": "true"})
+        yield logger
+
+
+def existing_run(run_id: str | None):
+    """The run `run_id` if this tracking store has it, else None (a new store, a deleted run)."""
+    if not run_id:
+        return None
+    try:
+        return MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None

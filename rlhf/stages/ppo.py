@@ -10,7 +10,9 @@ Each iteration, in the order of the N+ reference implementation:
 The math of steps 3-5 lives in `rlhf.rl_math` as pure, unit-tested functions.
 
 Writes `models/policy/`, `metrics/ppo.json`, `metrics/ppo_history.csv` (one row per step,
-for plots) and a resumable checkpoint under `checkpoints/ppo/`.
+for plots), and every `ppo.checkpoint_every` steps a checkpoint under `checkpoints/ppo/` from
+which a rerun resumes exactly (`rlhf.checkpoints`). The history lives in the checkpoints while
+the run goes on: `metrics/` changes only when the run has finished.
 
 Dropout is switched off in every model (as TRL does): a sample's log-prob must not depend on
 which forward pass computed it, or the PPO ratio is not 1 before the first update.
@@ -25,6 +27,7 @@ a plain Hugging Face model, as without LoRA.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,19 +38,22 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from rlhf import rl_math as rl
+from rlhf.artifacts import require_model
 from rlhf.config import Params, PPOConfig
 from rlhf.data import builtin_sort
 from rlhf.data.tokenize import collate_sft, encode, encode_sft
-from rlhf.engine import make_accelerator, save_checkpoint
+from rlhf import checkpoints as ckpt
+from rlhf.engine import make_accelerator
 from rlhf.errors import DataError
 from rlhf.generation import decode_responses, generate
-from rlhf.io import atomic_dir, atomic_write_text, read_json, read_jsonl, write_json
+from rlhf.io import atomic_dir, atomic_write_text, read_jsonl, write_json
 from rlhf.models import lora
 from rlhf.models.loading import (AdaptersDisabled, ScalarHeadModel, lm_logits, load_causal_lm,
                                  load_tokenizer, position_kwargs)
 from rlhf.paths import Paths
 from rlhf.progress import progress_bar
 from rlhf.stages import reference as reference_stage
+from rlhf.stages import reward as reward_stage
 from rlhf.tracking import MetricsLogger, NullLogger
 
 
@@ -106,7 +112,8 @@ def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, query_width
 
 @torch.no_grad()
 def collect_rollout(model: PolicyAndValue, reference: nn.Module, reward_model: ScalarHeadModel,
-                    tokenizer, prompts: list[str], cfg: PPOConfig, device) -> Rollout:
+                    tokenizer, prompts: list[str], cfg: PPOConfig, device,
+                    autocast: Callable = contextlib.nullcontext) -> Rollout:
     policy = model.policy
     policy.eval()
     query, query_mask, responses = generate(
@@ -121,10 +128,13 @@ def collect_rollout(model: PolicyAndValue, reference: nn.Module, reward_model: S
 
     logits, values = model(query_responses, attention_mask)
     logprobs, _ = response_logprobs(logits, responses, width, cfg.temperature)
-    ref_logprobs, _ = response_logprobs(lm_logits(reference, query_responses, attention_mask),
-                                        responses, width, cfg.temperature)
+    # The policy's forward runs under the accelerator's autocast (bf16/fp16), so the
+    # reference and reward forwards must too: else the KL at step 1 is precision noise, not 0.
+    with autocast():
+        ref_logits = lm_logits(reference, query_responses, attention_mask).float()
+        scores = reward_model.score(query_responses, attention_mask).float()  # (B,)
+    ref_logprobs, _ = response_logprobs(ref_logits, responses, width, cfg.temperature)
     values = values[:, width - 1:-1]  # (B, R): V(s_t) read where a_t is predicted
-    scores = reward_model.score(query_responses, attention_mask)  # (B,)
     has_eos = (responses == tokenizer.eos_token_id).any(1)
     if cfg.missing_eos_penalty is not None:
         scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.missing_eos_penalty))
@@ -187,20 +197,38 @@ def gold_reward_fn(params: Params) -> Optional[Callable[[str, str], float]]:
     return builtin_sort.gold_score if params.data.source == "builtin" else None
 
 
-def prompt_batches(prompts: list[str], batch_size: int, seed: int):
-    """Endless shuffled batches of prompts, a new permutation each pass."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(prompts), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield [prompts[i] for i in order[start:start + batch_size]]
+class PromptBatches:
+    """Endless shuffled batches of prompts, a new permutation each pass; its position and
+    generator state go into checkpoints, so a resumed run sees the same batches."""
+
+    def __init__(self, prompts: list[str], batch_size: int, seed: int):
+        self.prompts, self.batch_size = prompts, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+        self.position = 0
+
+    def __next__(self) -> list[str]:
+        if self.position + self.batch_size > len(self.order):
+            self.order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
+            self.position = 0
+        batch = self.order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return [self.prompts[i] for i in batch]
+
+    def state_dict(self) -> dict:
+        return {"generator": ckpt.generator_state(self.generator), "order": self.order,
+                "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        ckpt.set_generator_state(self.generator, state["generator"])
+        self.order, self.position = state["order"], state["position"]
 
 
 def load_models(params: Params, paths: Paths):
     """(tokenizer, policy+value, reference, reward model, reference sha256)."""
     trust, cfg = params.model.trust_remote_code, params.model
-    read_json(paths.sft / "config.json", produced_by="sft")
-    read_json(paths.reward / "config.json", produced_by="reward")
+    require_model(paths.sft, produced_by="sft")
+    reward_stage.verify(paths.reward)
     reference_hash = reference_stage.verify(paths.reference)
     tokenizer = load_tokenizer(paths.sft, trust)
     if cfg.lora:
@@ -239,6 +267,10 @@ def load_lora_models(params: Params, paths: Paths):
     return PolicyAndValue(policy, value_model), reference, reward_model
 
 
+FINGERPRINT_PARAMS = ("data.source", "model", "train", "ppo")
+"""The params a PPO checkpoint must agree on to be resumed."""
+
+
 def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> dict:
     cfg = params.ppo
     prompts = [row["prompt"] for row in read_jsonl(paths.prepared / "rl_prompts.jsonl",
@@ -260,17 +292,34 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     unwrapped = accelerator.unwrap_model(model)
     kl_ctl = (rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
               if cfg.adaptive_kl else rl.FixedKLController(cfg.kl_coef))
-    ptx_batches = make_ptx_batches(params, paths, tokenizer, device) if cfg.ptx_coef > 0 else None
-    batches = prompt_batches(prompts, cfg.batch_size, params.train.seed)
+    batches = PromptBatches(prompts, cfg.batch_size, params.train.seed)
     shuffle = torch.Generator().manual_seed(params.train.seed + 3)
+    ptx_generator = torch.Generator().manual_seed(params.train.seed + 4)
+    ptx_batches = (make_ptx_batches(params, paths, tokenizer, device, ptx_generator)
+                   if cfg.ptx_coef > 0 else None)
 
+    # Resume from the newest checkpoint of an interrupted run with the same params and inputs.
+    checkpoints = ckpt.Checkpoints(
+        paths.checkpoints / "ppo",
+        ckpt.fingerprint(params.flat(), FINGERPRINT_PARAMS,
+                         [paths.prepared / "rl_prompts.jsonl", paths.prepared / "sft.jsonl",
+                          paths.sft, paths.reward, paths.reference]),
+        params.train.checkpoint_keep, tracking_run_id=getattr(logger, "run_id", None))
     history: list[dict] = []
-    history_file = paths.metrics / "ppo_history.csv"
-    with progress_bar("ppo", cfg.steps) as bar:
-        for step in range(1, cfg.steps + 1):
+    first_step = 1
+    resumed = checkpoints.resume(accelerator)
+    if resumed is not None:
+        kl_ctl.load_state_dict(resumed["kl_controller"])
+        batches.load_state_dict(resumed["prompt_batches"])
+        ckpt.set_generator_state(shuffle, resumed["minibatch_generator"])
+        ckpt.set_generator_state(ptx_generator, resumed["ptx_generator"])
+        history, first_step = resumed["history"], resumed["step"] + 1
+
+    with progress_bar("ppo", cfg.steps, completed=first_step - 1) as bar:
+        for step in range(first_step, cfg.steps + 1):
             start = time.perf_counter()
             batch = collect_rollout(unwrapped, reference, reward_model, tokenizer,
-                                    next(batches), cfg, device)
+                                    next(batches), cfg, device, accelerator.autocast)
             # Steps 3-4: shaped rewards, GAE, whitened advantages.
             kl = rl.per_token_kl(batch.logprobs, batch.ref_logprobs)  # (B, R), 0 at padding
             lengths = batch.mask.sum(1)
@@ -318,15 +367,19 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                 row["objective/gold_exact"] = sum(g == 1.0 for g in golds) / len(golds)
             history.append(row)
             logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-            bar.advance(f"score {row['objective/scores']:.2f} kl {mean_kl:.2f}"
+            if step % cfg.log_completions_every == 0 or step == cfg.steps:
+                logger.log_table("ppo_completions", completions_table(batch, gold), step=step)
+            bar.advance(f"score {row['objective/scores']:.2f} kl {mean_kl:.2f} "
+                        f"loss {update['pg_loss'] + cfg.vf_coef * update['vf_loss']:.3f}"
                         + (f" gold {row['objective/gold_reward']:.2f}"
                            if "objective/gold_reward" in row else ""))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                if accelerator.is_main_process:
-                    write_history(history_file, history)
-                save_checkpoint(accelerator, paths.checkpoints / "ppo", {
-                    "step": step, "prompts_seen": step * cfg.batch_size,
-                    "kl_controller": kl_ctl.state_dict(), "params_digest": params.digest(),
+                checkpoints.save(accelerator, step, {
+                    "prompts_seen": step * cfg.batch_size, "history": history,
+                    "kl_controller": kl_ctl.state_dict(),
+                    "prompt_batches": batches.state_dict(),
+                    "minibatch_generator": ckpt.generator_state(shuffle),
+                    "ptx_generator": ckpt.generator_state(ptx_generator),
                     "reference_sha256": reference_hash})
 
     metrics = summarise(history)
@@ -334,18 +387,19 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         with atomic_dir(paths.policy) as out:
             lora.restore_config(lora.merged(unwrapped.policy)).save_pretrained(out)
             tokenizer.save_pretrained(out)
-        write_history(history_file, history)
+        write_history(paths.metrics / "ppo_history.csv", history)
         write_json(paths.metrics_file("ppo"), metrics)
+    checkpoints.finish(accelerator)
     logger.log_metrics({f"ppo_final/{k.replace('/', '_')}": v for k, v in metrics.items()})
     return metrics
 
 
-def make_ptx_batches(params: Params, paths: Paths, tokenizer, device) -> Callable[[], dict]:
-    """Endless minibatches of SFT demonstrations for the ptx term."""
+def make_ptx_batches(params: Params, paths: Paths, tokenizer, device,
+                     generator: torch.Generator) -> Callable[[], dict]:
+    """Endless minibatches of SFT demonstrations for the ptx term, drawn with `generator`."""
     rows = read_jsonl(paths.prepared / "sft.jsonl", produced_by="prepare")
     examples = [encode_sft(tokenizer, r["prompt"], r["completion"]) for r in rows]
     size = params.ppo.batch_size // params.ppo.num_minibatches
-    generator = torch.Generator().manual_seed(params.train.seed + 4)
 
     def next_batch() -> dict:
         index = torch.randint(len(examples), (size,), generator=generator).tolist()
@@ -353,6 +407,17 @@ def make_ptx_batches(params: Params, paths: Paths, tokenizer, device) -> Callabl
         return {k: v.to(device) for k, v in batch.items()}
 
     return next_batch
+
+
+def completions_table(batch: Rollout, gold, rows: int = 16) -> list[dict]:
+    """A few of the rollout's samples with their scores: how people catch reward hacking."""
+    table = []
+    for prompt, text, score in list(zip(batch.prompts, batch.texts, batch.scores.tolist()))[:rows]:
+        row = {"prompt": prompt, "response": text, "rm_score": round(score, 4)}
+        if gold is not None:
+            row["gold"] = gold(prompt, text)
+        table.append(row)
+    return table
 
 
 def summarise(history: list[dict], window: int = 10) -> dict:

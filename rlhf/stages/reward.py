@@ -8,17 +8,23 @@ std is recorded. Writes `models/reward/` and `metrics/reward.json`.
 With `model.lora`, the trunk is frozen and carries LoRA adapters while the head is trained in
 full; the adapters are merged into the trunk before saving, so `models/reward/` is the same
 plain trunk + head either way.
+
+Every `reward.checkpoint_every` steps a checkpoint goes under `checkpoints/reward/`, from which
+a rerun resumes exactly, mid-epoch included (`rlhf.checkpoints`).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from rlhf import checkpoints as ckpt
 from rlhf import rl_math as rl
+from rlhf.artifacts import require_model, verify_record, write_record
 from rlhf.config import Params
 from rlhf.data.tokenize import collate_sequences, encode, encode_response
 from rlhf.engine import adamw_with_cosine_schedule, make_accelerator
@@ -30,6 +36,14 @@ from rlhf.models.loading import ScalarHeadModel, load_causal_lm, load_tokenizer
 from rlhf.paths import Paths
 from rlhf.progress import progress_bar
 from rlhf.tracking import MetricsLogger, NullLogger
+
+HASH_FILE = "reward.json"  # sha256 of every file defining the reward model (see rlhf.artifacts)
+
+
+def verify(directory: Path) -> str:
+    """The reward model's recorded hash, after checking every defining file still matches
+    it: PPO optimises whatever this model scores, so a silent change would redirect PPO."""
+    return verify_record(directory, HASH_FILE, produced_by="reward", what="reward model")
 
 
 def encode_pairs(tokenizer, rows: list[dict]) -> list[dict]:
@@ -60,12 +74,16 @@ def score_pairs(model: ScalarHeadModel, encoded: list[dict], pad_token_id: int,
     return torch.cat(margins)
 
 
+FINGERPRINT_PARAMS = ("model", "train", "reward", "ppo.max_new_tokens", "ppo.temperature")
+"""The params a reward checkpoint must agree on to be resumed (normalisation samples like PPO)."""
+
+
 def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> dict:
     cfg = params.reward
     train_rows = read_jsonl(paths.prepared / "preference_train.jsonl", produced_by="prepare")
     eval_rows = read_jsonl(paths.prepared / "preference_eval.jsonl", produced_by="prepare")
     manifest = read_json(paths.prepared / "manifest.json", produced_by="prepare")
-    read_json(paths.sft / "config.json", produced_by="sft")
+    require_model(paths.sft, produced_by="sft")
     if len(train_rows) < cfg.batch_size:  # drop_last would leave no batch at all
         raise DataError(f"{len(train_rows)} training preference pairs are fewer than "
                         f"reward.batch_size ({cfg.batch_size}); lower reward.batch_size to at "
@@ -78,19 +96,39 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     if params.model.lora:
         model.trunk = lora.add_adapters(model.trunk, params.model)
 
+    shuffler = torch.Generator().manual_seed(params.train.seed)
     loader = DataLoader(encode_pairs(tokenizer, train_rows), batch_size=cfg.batch_size,
                         shuffle=True, drop_last=True,
                         collate_fn=lambda b: collate_pairs(b, tokenizer.pad_token_id),
-                        generator=torch.Generator().manual_seed(params.train.seed))
+                        generator=shuffler)
     optimizer, scheduler, total_steps = adamw_with_cosine_schedule(model, cfg, len(loader))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
+    # Resume from the newest checkpoint of an interrupted run with the same params and inputs.
+    checkpoints = ckpt.Checkpoints(
+        paths.checkpoints / "reward",
+        ckpt.fingerprint(params.flat(), FINGERPRINT_PARAMS,
+                         [paths.prepared / "preference_train.jsonl",
+                          paths.prepared / "preference_eval.jsonl",
+                          paths.prepared / "rl_prompts.jsonl", paths.sft]),
+        params.train.checkpoint_keep, tracking_run_id=getattr(logger, "run_id", None))
+    history: list[tuple[float, float]] = []  # (loss, accuracy) per step
+    step, skip = 0, 0
+    resumed = checkpoints.resume(accelerator)
+    if resumed is not None:
+        history = [tuple(h) for h in resumed["history"]]
+        step, skip = resumed["step"], resumed["batches_into_epoch"]
+        # Replay the interrupted epoch's shuffle from its start, then skip what was done.
+        ckpt.set_generator_state(shuffler, resumed["epoch_shuffler"])
+
     model.train()
-    history: list[tuple[float, float]] = []
-    step, start = 0, time.perf_counter()
-    with progress_bar("reward", total_steps) as bar:
+    start = time.perf_counter()
+    with progress_bar("reward", total_steps, completed=step) as bar:
         while step < total_steps:
-            for input_ids, attention_mask in loader:
+            epoch_shuffler = ckpt.generator_state(shuffler)
+            for index, (input_ids, attention_mask) in enumerate(loader):
+                if index < skip:
+                    continue
                 margins = pair_margins(accelerator.unwrap_model(model), input_ids, attention_mask)
                 loss = -F.logsigmoid(margins).mean()
                 accelerator.backward(loss)
@@ -107,8 +145,13 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                         "reward/accuracy_train": sum(h[1] for h in recent) / len(recent),
                         "reward/lr": scheduler.get_last_lr()[0]}, step=step)
                 bar.advance(f"loss {loss.item():.3f}")
+                if step % cfg.checkpoint_every == 0 or step == total_steps:
+                    checkpoints.save(accelerator, step, {
+                        "history": history, "epoch_shuffler": epoch_shuffler,
+                        "batches_into_epoch": index + 1})
                 if step >= total_steps:
                     break
+            skip = 0
 
     model = accelerator.unwrap_model(model).merge_adapters().eval()
     lora.restore_config(model.trunk)
@@ -135,7 +178,9 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         with atomic_dir(paths.reward) as out:
             model.save(out)
             tokenizer.save_pretrained(out)
+            write_record(out, HASH_FILE)
         write_json(paths.metrics_file("reward"), metrics)
+    checkpoints.finish(accelerator)
     logger.log_metrics(metrics)
     return metrics
 

@@ -1,0 +1,191 @@
+"""Exact resume: a training stage killed with SIGKILL between two checkpoints and rerun ends
+byte-identical to a run that was never interrupted (fp32 on CPU, same seed).
+
+Every run here is a real `rlhf stage NAME` subprocess, as a user or `dvc repro` starts it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlhf import checkpoints as ckpt
+from rlhf.config import write_overrides
+from rlhf.io import remove_orphans
+
+from .conftest import REPO, TINY_OVERRIDES
+
+# Long enough that the kill lands between two checkpoints, short enough for CI.
+RESUME_OVERRIDES = {
+    "sft": ["sft.epochs=2", "sft.checkpoint_every=3"],  # 24 steps
+    "reward": ["reward.epochs=3", "reward.checkpoint_every=3"],  # 18 steps
+    "ppo": ["ppo.steps=8", "ppo.checkpoint_every=2"],
+}
+OUTPUT = {"sft": "models/sft", "reward": "models/reward", "ppo": "models/policy"}
+
+
+def project(trained_upstream: Path, root: Path, stage: str, extra: list[str] = ()) -> Path:
+    root.mkdir(parents=True)
+    shutil.copytree(trained_upstream / "data", root / "data")
+    if stage != "sft":
+        shutil.copytree(trained_upstream / "models", root / "models")
+        shutil.rmtree(root / OUTPUT[stage], ignore_errors=True)
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    write_overrides(root / "params.yaml", TINY_OVERRIDES + RESUME_OVERRIDES[stage] + list(extra))
+    return root
+
+
+def rlhf_stage(root: Path, stage: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "rlhf.cli", "stage", stage, "--root", str(root),
+            "--params", str(root / "params.yaml"), *args]
+
+
+def run_ok(command: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def kill_after_first_checkpoint(command: list[str], cwd: Path, stage: str,
+                                env: dict | None = None) -> int:
+    """Start the command, SIGKILL its whole process group as soon as `stage` has written a
+    checkpoint of this run (not a finished run's); return that checkpoint's step."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    directory = cwd / "checkpoints" / stage
+    deadline = time.monotonic() + 300
+    while ckpt.resumable(directory) is None:
+        assert process.poll() is None, f"exited before a {stage} checkpoint: " + \
+            process.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    return ckpt.resumable(directory)["step"]
+
+
+def tree_hashes(directory: Path) -> dict[str, str]:
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.endswith(("seconds", "eps"))}
+
+
+def ppo_history(root: Path) -> list[dict]:
+    with open(root / "metrics" / "ppo_history.csv") as handle:
+        return [without_timing(row) for row in csv.DictReader(handle)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_kill_9_then_rerun_resumes_exactly(stage, trained_upstream, tmp_path):
+    whole = project(trained_upstream, tmp_path / "whole", stage)
+    run_ok(rlhf_stage(whole, stage, "--no-track"), whole)
+
+    killed = project(trained_upstream, tmp_path / "killed", stage)
+    # Tracked (an MLflow store in the project), so the resumed run must continue the same run.
+    step = kill_after_first_checkpoint(rlhf_stage(killed, stage), killed, stage)
+    total = int(ckpt.read_state(ckpt.checkpoint_dirs(whole / "checkpoints" / stage)[-1])["step"])
+    assert 0 < step < total
+    assert not (killed / "metrics" / f"{stage}.json").exists()  # nothing half-written
+    run_id = ckpt.resumable(killed / "checkpoints" / stage)["tracking_run_id"]
+
+    result = run_ok(rlhf_stage(killed, stage), killed)
+    assert "resuming" in result.stderr
+    final = ckpt.read_state(ckpt.checkpoint_dirs(killed / "checkpoints" / stage)[-1])
+    assert final["complete"] and final["resumed_from"] is not None and final["step"] == total
+
+    # The same weights and figures, byte for byte, as the run that was never killed.
+    assert tree_hashes(killed / OUTPUT[stage]) == tree_hashes(whole / OUTPUT[stage])
+    read = lambda root: json.loads((root / "metrics" / f"{stage}.json").read_text())  # noqa: E731
+    assert without_timing(read(killed)) == without_timing(read(whole))
+    if stage == "ppo":
+        assert ppo_history(killed) == ppo_history(whole)
+
+    # One MLflow run holds the stage from step 1 to the end.
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{killed / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags.get("rlhf.resumed") == "true"
+    if stage == "ppo":
+        steps = {m.step for m in client.get_metric_history(run_id, "objective/kl")}
+        assert steps == set(range(1, total + 1))
+
+
+@pytest.mark.slow
+def test_rlhf_run_killed_in_ppo_resumes_on_the_next_run(tiny_project):
+    """The whole flow: kill -9 `rlhf run` mid-PPO; the next `rlhf run` takes the finished
+    stages from the cache and resumes PPO from its checkpoint."""
+    root = tiny_project
+    write_overrides(root / "params.yaml", RESUME_OVERRIDES["ppo"])
+    env = {**os.environ, "PREFECT_HOME": str(root / ".prefect-home")}
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "rlhf.cli", "run", "--root", str(root),
+               "--params", str(root / "params.yaml")]
+    kill_after_first_checkpoint(command, root, "ppo", env=env)
+    assert not (root / "metrics" / "ppo.json").exists()
+
+    result = run_ok(command, root, env=env)
+    assert "model version: rlhf-policy v1" in result.stdout
+    final = ckpt.read_state(ckpt.checkpoint_dirs(root / "checkpoints" / "ppo")[-1])
+    assert final["complete"] and final["step"] == 8 and final["resumed_from"] is not None
+
+
+def test_checkpoint_of_other_params_is_refused_and_fresh_starts_over(trained_upstream, tmp_path):
+    root = project(trained_upstream, tmp_path / "p", "ppo")
+    kill_after_first_checkpoint(rlhf_stage(root, "ppo", "--no-track"), root, "ppo")
+
+    refused = subprocess.run(rlhf_stage(root, "ppo", "--no-track", "--set", "ppo.lr=0.0005"),
+                             cwd=root, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2
+    assert "Traceback" not in refused.stderr
+    message = refused.stderr.strip()
+    assert "ppo.lr was 0.0001, now 0.0005" in message and "--fresh" in message
+
+    run_ok(rlhf_stage(root, "ppo", "--no-track", "--set", "ppo.lr=0.0005", "--fresh"), root)
+    final = ckpt.read_state(ckpt.checkpoint_dirs(root / "checkpoints" / "ppo")[-1])
+    assert final["complete"] and final["resumed_from"] is None
+    # ppo.checkpoint_every=2 over 8 steps, train.checkpoint_keep=2: the newest two remain.
+    assert [p.name for p in ckpt.checkpoint_dirs(root / "checkpoints" / "ppo")] == [
+        "step-00000006", "step-00000008"]
+
+
+def test_a_finished_stage_is_not_resumed(trained_upstream, tmp_path):
+    """A complete checkpoint is history, not an interruption: other params start fresh."""
+    root = project(trained_upstream, tmp_path / "p", "ppo", ["ppo.steps=2"])
+    run_ok(rlhf_stage(root, "ppo", "--no-track"), root)
+    assert ckpt.resumable(root / "checkpoints" / "ppo") is None
+    result = run_ok(rlhf_stage(root, "ppo", "--no-track", "--set", "ppo.lr=0.0005"), root)
+    assert "resuming" not in result.stderr
+
+
+def test_orphans_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = os.uname().nodename.split(".")[0]
+    orphan = tmp_path / f".tmp-policy.pid{dead.pid}@{host}.x1"
+    orphan.mkdir()
+    (orphan / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / f".tmp-sft.pid{os.getpid()}@{host}.x2"
+    live.mkdir()
+    other_host = tmp_path / f".tmp-sft.pid{dead.pid}@another-host.x3"
+    other_host.mkdir()
+    assert remove_orphans(tmp_path) == [orphan]
+    assert live.exists() and other_host.exists() and not orphan.exists()
