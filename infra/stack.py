@@ -296,7 +296,8 @@ def start_postgres(cfg: dict, creds: dict) -> None:
         finally:
             pwfile.unlink(missing_ok=True)
     # No Unix socket: a long RLHF_INFRA_HOME would overflow its path limit; TCP only.
-    options = f"-p {cfg['postgres']} -c listen_addresses={cfg['host']} -c unix_socket_directories=''"
+    options = (f"-p {cfg['postgres']} -c listen_addresses={cfg['host']} "
+               "-c unix_socket_directories=''")
     _pg_run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log_file("postgres")), "-w",
              "-t", "60", "-o", options, "start"], "pg_ctl start")
     _pg_create_databases(cfg, creds)

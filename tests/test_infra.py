@@ -103,7 +103,9 @@ def sh(args: list[str], env: dict, cwd: Path = REPO, timeout: float = 600, check
 
 
 def tail(path: Path, lines: int = 60) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 class Stack:
