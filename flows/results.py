@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rlhf.errors import UserError
+
 RESULTS_DIR = ".prefect-results"
 ENV_VAR = "RLHF_RESULT_STORAGE"
 
@@ -30,6 +32,8 @@ def results_location(root: Path) -> Any:
         return Path(location).expanduser()
     from prefect.filesystems import RemoteFileSystem
 
+    if location.startswith("s3://"):
+        _require_s3_credentials(location)
     settings: dict[str, Any] = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if location.startswith("s3://") and endpoint:
@@ -46,6 +50,16 @@ def results_location(root: Path) -> Any:
     except ValueError:  # saved meanwhile by a concurrent run
         return RemoteFileSystem.load(name)
     return storage
+
+
+def _require_s3_credentials(location: str) -> None:
+    """Say so in one line before a stage runs, rather than a botocore traceback after it."""
+    import botocore.session
+
+    if botocore.session.get_session().get_credentials() is None:
+        raise UserError(f"{ENV_VAR}={location} but no S3 credentials were found: "
+                        "`source infra/env.sh` (or set AWS_ACCESS_KEY_ID and "
+                        "AWS_SECRET_ACCESS_KEY)")
 
 
 def describe(location: Any) -> str:
