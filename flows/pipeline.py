@@ -24,8 +24,9 @@ returns what it returned last time. The cache key of a stage (`stage_cache_key`)
 - for `register`, a hash of the MLflow tracking/registry URIs (a new store needs a new version).
 
 Results (small dicts) are persisted as JSON under `<root>/.prefect-results`, so the cache
-lives with the project and survives across processes (serve, workers). The cache is never
-trusted blindly: if a stage's outputs are missing the task runs with `refresh_cache=True`,
+lives with the project and survives across processes (serve, workers); `RLHF_RESULT_STORAGE`
+moves it to shared storage (`flows/results.py`) that every worker of a team reads. The cache
+is never trusted blindly: if a stage's outputs are missing the task runs with `refresh_cache=True`,
 and if a cached stage's outputs no longer hash to what it recorded (edited or replaced by
 hand) it is run again the same way.
 """
@@ -47,14 +48,12 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact,
 from prefect.runtime import flow_run as current_flow_run
 from prefect.runtime import task_run as current_task_run
 
+from flows.results import RESULTS_DIR, describe, results_location  # noqa: F401 (RESULTS_DIR: API)
 from rlhf.config import Params, load_params, write_overrides
 from rlhf.errors import UserError
-from rlhf.mlops.safe_results import check_results_dir
+from rlhf.mlops.safe_results import check_record, check_results_dir
 from rlhf.paths import Paths
 from rlhf.redact import REDACTED, redact_override, redact_text, redact_value
-
-RESULTS_DIR = ".prefect-results"
-"""Where the stage tasks' results (and so the cache) live, under the project root."""
 
 STAGES = ("prepare", "sft", "reward", "reference", "ppo", "evaluate", "register")
 
@@ -368,16 +367,24 @@ def register(params: dict, root: str, parent_run_id: str,
 STAGE_TASKS = {t.name: t for t in (prepare, sft, reward, reference, ppo, evaluate, register)}
 
 
+class _TaskContext:
+    """What `stage_cache_key` reads of a task run context, to compute a key before the run."""
+
+    def __init__(self, stage: str) -> None:
+        self.task = type("Task", (), {"name": stage})()
+
+
 def _run_task(stage: str, params: Params, project: Path, parent_run_id: Optional[str],
               inputs: dict[str, str]) -> tuple[dict, str]:
     """Submit one stage task, using the cache only when it is safe; returns (result, state)."""
     logger = get_run_logger()
-    # Prefect would unpickle a record whose serializer was edited to pickle (even to check
-    # that it exists): every record is checked right before a task may read one.
-    check_results_dir(project / RESULTS_DIR)
-    base = STAGE_TASKS[stage].with_options(result_storage=project / RESULTS_DIR)
+    location = results_location(project)
     kwargs = dict(params=params.model_dump(mode="json"), root=str(project),
                   parent_run_id=parent_run_id, inputs=inputs)
+    # Prefect would unpickle a record whose serializer was edited to pickle (even to check
+    # that it exists): the record this task may read is checked first.
+    check_record(location, stage_cache_key(_TaskContext(stage), kwargs), describe(location))
+    base = STAGE_TASKS[stage].with_options(result_storage=location)
     if outputs_exist(project, stage):
         state = base(**kwargs, return_state=True)
         result = state.result()  # raises the stage's error if it failed
@@ -494,7 +501,7 @@ def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) ->
     params = load_params(params_file, overrides)  # a ParamsError ends the flow here
     project = Path(root).resolve()
     paths = Paths(project)
-    check_results_dir(project / RESULTS_DIR)  # before anything else: one line, no work lost
+    check_results_dir(results_location(project))  # before anything: one line, no work lost
     flow_run_id, flow_run_name = current_flow_run.id, current_flow_run.name
     for crashed in prefect_runs.end_dead(project):
         logger.warning(f"flow run {crashed} was left Running by a process that is gone: "
@@ -573,6 +580,11 @@ def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) ->
     dvc_recorded = dvc.record(project, ["register"]) if track else bool(
         dvc.is_dvc_repo(project))
     registered = results["register"]["metrics"] if track else {}
+    # Promotion chained to training: a subflow, its decision a Prefect artifact. Its
+    # parameters are stored in Prefect: credentials in the overrides stay hidden.
+    promotion = (promote_flow(params_file=params_file, version=registered["version"],
+                              root=root, overrides=hide_overrides(overrides))
+                 if track and params.promote.auto else None)
     alias = registered.get("alias", "candidate")
     return {
         "eval": headline,
@@ -587,20 +599,21 @@ def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) ->
         "prefect_flow_run_name": flow_run_name,
         "stages": states,
         "dvc_recorded": dvc_recorded,
+        "promotion": promotion,
         "where": {
             "metrics": str(paths.metrics),
             "plots": str(paths.plots),
             "policy": str(paths.policy),
             "mlflow": url,
             "registry": f"models:/{registered['model_name']}@{alias}" if track else None,
-            "prefect_cache": str(project / RESULTS_DIR),
+            "prefect_cache": describe(results_location(project)),
         },
     }
 
 
 @flow(name="promote")
 def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None,
-                 root: str = ".") -> dict:
+                 root: str = ".", overrides: Optional[list[str]] = None) -> dict:
     """Judge a model version (default: the `candidate`) with the gate in params `promote`;
     move the `champion` alias to it if it passes. Returns the decision as a dict."""
     from mlflow.exceptions import MlflowException
@@ -609,11 +622,11 @@ def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None
     from rlhf.mlops.head_to_head import rm_win_rate
     from rlhf.mlops.mlflow_tracking import configure
 
-    params = load_params(params_file)
+    params = load_params(params_file, reveal_overrides(overrides or []))
     project = Path(root).resolve()
     configure(project)
     name = params.registry.model_name
-    gate = registry.PromotionGate(**params.promote.model_dump())
+    gate = registry.PromotionGate(**params.promote.model_dump(exclude={"auto"}))
 
     def against_champion(candidate: int, champion: int) -> float:
         get_run_logger().info(f"sampling version {candidate} against champion {champion}")

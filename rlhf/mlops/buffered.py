@@ -191,7 +191,8 @@ class RunBuffer:
             return
         self._warned = True
         print(f"warning: MLflow server {redact_value(self.tracking_uri)} is not answering "
-              f"({_reason(exc)}); training goes on and run {self.run_id}'s metrics are kept in {self.path}; "
+              f"({_reason(exc)}); training goes on and run {self.run_id}'s metrics are "
+              f"kept in {self.path}; "
               "they are sent when the server is back, or by `rlhf sync`",
               file=sys.stderr, flush=True)
 

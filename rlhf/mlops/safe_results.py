@@ -78,10 +78,30 @@ def _refusal(path: Path, why: str) -> UnsafeResultError:
         f"delete it (or the whole {path.parent.name}/ folder) to rebuild the cache")
 
 
-def check_results_dir(folder: Path) -> None:
-    """Stop with one line at the first record in `folder` that is not plain JSON."""
-    folder = Path(folder)
-    if not folder.is_dir():
+def check_record(location: Any, key: str, shown: str) -> None:
+    """Stop with one line if the record `key` exists in `location` (a folder, or a Prefect
+    file-system block for remote storage) and is not plain JSON."""
+    if isinstance(location, Path):
+        path = location / key
+        if not path.is_file():
+            return
+        content = path.read_bytes()
+    else:
+        from prefect._internal.compatibility.blocks import call_explicitly_sync_block_method
+
+        try:
+            content = call_explicitly_sync_block_method(location, "read_path", (key,), {})
+        except Exception:  # not there (each file system says so its own way)
+            return
+    why = problem(content)
+    if why is not None:
+        raise _refusal(Path(shown) / key, why)
+
+
+def check_results_dir(folder: Any) -> None:
+    """Stop with one line at the first record in a local `folder` that is not plain JSON
+    (remote storage is checked record by record, see `check_record`)."""
+    if not isinstance(folder, Path) or not folder.is_dir():
         return
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if path.name.startswith(".") or path.suffix == ".lock":
