@@ -145,3 +145,19 @@ def test_json_records_that_import_classes_are_refused():
     marked = {**good, "result": json.dumps({"x": {"__class__": "os.system", "data": "id"}})}
     assert problem(json.dumps(marked).encode()) == "its result names Python classes to import"
     assert problem(b"\x80\x04not json") == "it is not JSON"
+
+
+def test_check_record_refuses_only_the_bad_record(tmp_path):
+    """The per-task check (any result storage): a missing record is fine, a JSON one passes,
+    one whose serializer says pickle is refused without being loaded."""
+    from rlhf.mlops.safe_results import UnsafeResultError, check_record
+
+    good = {"metadata": {"serializer": {"type": "json"}}, "result": json.dumps({"a": 1})}
+    (tmp_path / "good").write_text(json.dumps(good))
+    bad = {"metadata": {"serializer": {"type": "pickle", "picklelib": "cloudpickle"}},
+           "result": "gAWVCgAAAAAAAAB9lIwBYZRLAXMu\n"}
+    (tmp_path / "bad").write_text(json.dumps(bad))
+    check_record(tmp_path, "missing", "cache")
+    check_record(tmp_path, "good", "cache")
+    with pytest.raises(UnsafeResultError, match=r"cache/bad .*'pickle'"):
+        check_record(tmp_path, "bad", "cache")
