@@ -104,7 +104,6 @@ def stage(
             from rlhf.mlops.register import register
 
             mt.ensure_reachable(mt.configure(paths.root))
-
             metrics = register(params, paths, parent_run_id=parent)
         else:
             run = stages.get(name)

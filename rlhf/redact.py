@@ -31,8 +31,9 @@ _SECRET_VALUES = [
 ]
 # scheme://user:password@host -> scheme://user:<redacted>@host
 _URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*):(?P<pw>[^@/\s]*)@")
-# The same inside a longer text (an error message), where a token may sit mid-line.
-_TOKENS_IN_TEXT = [pattern for pattern in _SECRET_VALUES[1:]]
+# Token formats that may sit mid-line in a longer text (an error message); an auth header
+# (`Bearer ...`) is only recognised as a whole value.
+_TOKENS_IN_TEXT = _SECRET_VALUES[1:]
 
 
 def _key_words(key: str) -> set[str]:
