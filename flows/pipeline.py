@@ -186,6 +186,7 @@ def _run_stage(stage: str, params: dict, root: str, parent_run_id: str,
     The result: stage, hash (of its outputs), outputs, metrics (scalars), mlflow_run_id and
     the Prefect flow run that produced it (a later cached run returns the same dict).
     """
+    from flows.prefect_logging import stage_reporting
     from rlhf import stages
     from rlhf.checkpoints import resumable
     from rlhf.mlops.mlflow_tracking import stage_run
@@ -205,7 +206,8 @@ def _run_stage(stage: str, params: dict, root: str, parent_run_id: str,
             metrics = register(parsed, paths, parent_run_id=logger.run_id,
                                tags={"prefect.flow_run_id": current_flow_run.id, **lineage})
         else:
-            metrics = stages.get(stage)(parsed, paths, logger)
+            with stage_reporting(stage, logger) as reporting:
+                metrics = stages.get(stage)(parsed, paths, reporting)
     return {
         "stage": stage,
         "hash": outputs_hash(project, stage),
@@ -470,14 +472,22 @@ def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None
     from mlflow.exceptions import MlflowException
 
     from rlhf.mlops import registry
+    from rlhf.mlops.head_to_head import rm_win_rate
     from rlhf.mlops.mlflow_tracking import configure
 
     params = load_params(params_file)
-    configure(Path(root).resolve())
+    project = Path(root).resolve()
+    configure(project)
     name = params.registry.model_name
     gate = registry.PromotionGate(**params.promote.model_dump())
+
+    def against_champion(candidate: int, champion: int) -> float:
+        get_run_logger().info(f"sampling version {candidate} against champion {champion}")
+        return rm_win_rate(name, candidate, champion, params, Paths(project))
+
     try:
-        decision = registry.promote(name, version, gate)
+        decision = registry.promote(name, version, gate, champion_win_rate=(
+            against_champion if gate.min_rm_win_rate_vs_champion > 0 else None))
     except ValueError as exc:
         raise UserError(f"{exc}; run the pipeline first (`rlhf run`)") from None
     except MlflowException as exc:
@@ -488,8 +498,11 @@ def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None
     result = {"model_name": name, **dataclasses.asdict(decision)}
     verdict = "promoted to champion" if decision.promoted else "not promoted"
     lines = [f"# {name} version {decision.version}: {verdict}", "",
-             f"Previous champion: {decision.previous_champion or 'none'}", ""]
-    lines += [f"- passed: {line}" for line in decision.passed]
+             f"Previous champion: {decision.previous_champion or 'none'}", "",
+             "| criterion | value | threshold | result |", "| --- | --- | --- | --- |"]
+    lines += [f"| {c['criterion']} | {_fmt(c['value'])} | {c['threshold']} | "
+              f"{'pass' if c['passed'] else '**FAIL**'} |" for c in decision.criteria]
+    lines += ["", *[f"- passed: {line}" for line in decision.passed]]
     lines += [f"- **failed**: {line}" for line in decision.reasons]
     create_markdown_artifact(key="rlhf-promotion", markdown="\n".join(lines) + "\n",
                              description=f"Promotion gate for {name} v{decision.version}")

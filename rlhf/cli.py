@@ -31,6 +31,25 @@ FreshOption = typer.Option(False, "--fresh",
 PARENT_RUN_ENV = "RLHF_MLFLOW_PARENT_RUN_ID"
 
 
+def _log_progress_lines() -> None:
+    """Progress lines (rlhf.progress) on stderr when no live bar can be drawn there."""
+    import logging
+    import sys
+
+    if sys.stderr.isatty() and not os.environ.get("RLHF_NO_PROGRESS"):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("rlhf")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+@app.callback()
+def _main() -> None:
+    _log_progress_lines()
+
+
 def fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -175,6 +194,12 @@ def promote(
         decision = promote_flow(str(params_file), version, str(root))
     except UserError as exc:
         fail(str(exc))
+    for criterion in decision["criteria"]:
+        value = criterion["value"]
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        verdict = "pass" if criterion["passed"] else "FAIL"
+        out.print(f"  {verdict}  {criterion['criterion']} = {shown} "
+                  f"(needs {criterion['threshold']})", highlight=False)
     if decision["promoted"]:
         out.print(f"[bold green]promoted[/] version {decision['version']} to champion")
         return

@@ -12,19 +12,52 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+import types
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from rlhf.errors import ParamsError
 
 
 class Section(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", use_attribute_docstrings=True, validate_assignment=True, frozen=False
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True, frozen=False,
+        allow_inf_nan=False,  # `ppo.lr=inf` or `.nan` would only fail deep inside a stage
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1: `ppo.steps=true` would run one step.
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and bool not in _types_of(annotation):
+            raise PydanticCustomError("bool_not_allowed",
+                                      f"Input should be {_expected(annotation)}, not a boolean")
+        return value
+
+
+def _expected(annotation: Any) -> str:
+    kinds = _types_of(annotation)
+    optional = " or null" if type(None) in kinds else ""
+    choices = [repr(a) for k in kinds if get_origin(k) is Literal for a in get_args(k)]
+    if choices:
+        return "one of " + ", ".join(choices)
+    if int in kinds:
+        return "an integer" + optional
+    if float in kinds:
+        return "a number" + optional
+    return "a string" + optional
+
+
+def _types_of(annotation: Any) -> tuple:
+    """The types a field's annotation admits (the members of an Optional or Union)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return get_args(annotation)
+    return (annotation,)
 
 
 class DataConfig(Section):
@@ -251,6 +284,8 @@ class PPOConfig(Section):
     """Write a resumable checkpoint every this many steps (and at the last)."""
     gold_every: int = Field(1, ge=1)
     """Score the rollouts with the gold reward every this many steps (builtin task only)."""
+    log_completions_every: int = Field(25, ge=1)
+    """Log a table of sample completions (prompt, response, RM score, gold) every this many steps."""
 
     @model_validator(mode="after")
     def _minibatches_divide(self) -> "PPOConfig":
@@ -293,16 +328,37 @@ class RegistryConfig(Section):
     experiment: str = Field("rlhf", min_length=1)
     """MLflow experiment that holds the pipeline runs."""
 
+    @field_validator("model_name")
+    @classmethod
+    def _registrable_name(cls, value: str) -> str:
+        # MLflow refuses '/' and ':' and names that are paths ('.', '..'), but only at the
+        # register step, after hours of training; '@' would break `models:/NAME@alias` URIs.
+        bad = sorted({c for c in value if c in "/:@" or not c.isprintable()})
+        if bad or value.strip() != value or value in (".", ".."):
+            why = (f"it contains {', '.join(map(repr, bad))}" if bad else
+                   "it has leading or trailing spaces" if value.strip() != value
+                   else "it is a path")
+            raise ValueError(
+                f"registry.model_name ({value!r}) is not a valid MLflow model name: {why}; "
+                "use letters, digits, '-', '_' and '.' (e.g. rlhf-policy)")
+        return value
+
 
 class PromoteConfig(Section):
-    min_gold_ratio_vs_champion: float = Field(1.0, ge=0)
-    """The candidate's gold reward must be at least this times the current champion's."""
-    min_gold_ratio_vs_reference: float = Field(1.0, ge=0)
-    """The candidate's gold reward must be at least this times its reference (SFT) model's."""
+    min_rm_win_rate_vs_reference: float = Field(0.5, ge=0, le=1)
+    """The candidate must beat its reference (SFT) on at least this share of eval samples, as the reward model judges."""
+    min_rm_win_rate_vs_champion: float = Field(0.5, ge=0, le=1)
+    """The candidate must beat the current champion on at least this share of samples, as its reward model judges."""
+    head_to_head_samples: int = Field(8, ge=1)
+    """Samples per eval prompt and model when the candidate is compared with the champion."""
     require_kl_within_budget: bool = True
     """Refuse a candidate whose KL to its reference exceeds eval.kl_budget."""
+    min_gold_ratio_vs_champion: float = Field(1.0, ge=0)
+    """Gold-reward tasks only: the candidate's gold reward must be at least this times the current champion's."""
+    min_gold_ratio_vs_reference: float = Field(1.0, ge=0)
+    """Gold-reward tasks only: the candidate's gold reward must be at least this times its reference (SFT) model's."""
     min_gold_reward: float = Field(0.0, ge=0)
-    """Refuse a candidate whose mean gold reward is below this."""
+    """Gold-reward tasks only: refuse a candidate whose mean gold reward is below this."""
 
 
 class Params(Section):
@@ -400,8 +456,18 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         path = Path(path)
         if not path.exists():
             raise ParamsError(f"params file {path} not found; pass --params FILE or create it")
+        if path.is_dir():
+            raise ParamsError(f"params file {path} is a directory; pass --params with a YAML "
+                              "file (e.g. params.yaml)")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[:exc.start].count(b"\n") + 1
+            raise ParamsError(f"params file {path} is not UTF-8 text (line {line}); save it "
+                              "as UTF-8") from None
+        except OSError as exc:
+            raise ParamsError(f"cannot read params file {path} ({exc.strerror}); check the "
+                              "path and its permissions") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

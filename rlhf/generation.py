@@ -1,6 +1,18 @@
-"""Sampling responses with the KV cache (Hugging Face `generate`), batched."""
+"""Sampling responses with the KV cache (Hugging Face `generate`), batched.
+
+What PPO assumes: a response is drawn from softmax(logits / temperature) of the policy, the
+same distribution whose log-probs it scores afterwards. transformers 5 fills every sampling
+field a generation config leaves unset from the model's own `generation_config.json`
+(repetition_penalty, top_k, top_p, min_p, suppress_tokens, ...), so a model that ships
+repetition_penalty 1.1 would sample from another distribution than the one PPO scores.
+`generate` therefore runs with this module's config as the model's own for the duration of
+the call, and sets the truncation fields that transformers would default (top_k 50) itself.
+"""
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -20,6 +32,22 @@ def sampling_config(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
     )
 
 
+@contextlib.contextmanager
+def only_this_config(model, config: GenerationConfig) -> Iterator[None]:
+    """`config` as the model's own generation config while the block runs, so generate has
+    nothing of the checkpoint's generation_config.json to fill unset fields from. Set on every
+    module that holds one (a peft model reads its base model's)."""
+    targets = [(module, module.generation_config) for module in model.modules()
+               if vars(module).get("generation_config") is not None]
+    for target, _ in targets:
+        target.generation_config = config
+    try:
+        yield
+    finally:
+        for target, saved in targets:
+            target.generation_config = saved
+
+
 @torch.no_grad()
 def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
              max_new_tokens: int, temperature: float, device: torch.device
@@ -31,8 +59,9 @@ def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]]
     """
     query, query_mask = collate_sequences(prompts, tokenizer.pad_token_id, side="left")
     query, query_mask = query.to(device), query_mask.to(device)
-    out = model.generate(input_ids=query, attention_mask=query_mask,
-                         generation_config=sampling_config(tokenizer, max_new_tokens, temperature))
+    config = sampling_config(tokenizer, max_new_tokens, temperature)
+    with only_this_config(model, config):
+        out = model.generate(input_ids=query, attention_mask=query_mask, generation_config=config)
     responses = out[:, query.shape[1]:]
     if responses.shape[1] < max_new_tokens:
         fill = responses.new_full((responses.shape[0], max_new_tokens - responses.shape[1]),

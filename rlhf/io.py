@@ -63,6 +63,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}{_owner_tag()}", dir=final.parent))
     try:
         yield tmp
+        follow_umask(tmp)
         if final.exists():
             old = final.with_name(f".old-{final.name}{_owner_tag()}")
             final.rename(old)
@@ -73,6 +74,30 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def follow_umask(directory: Path) -> None:
+    """Give a tree the modes the umask gives new files and folders.
+
+    mkdtemp makes folders 0700 and transformers writes weights 0600; a team sharing a project
+    directory (umask 002) needs every output group-readable and writable like any new file."""
+    umask = current_umask()
+    dir_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
+    os.chmod(directory, dir_mode)
+    for parent, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(parent, name), dir_mode)
+        for name in files:
+            path = os.path.join(parent, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o111
+                os.chmod(path, file_mode | (executable & ~umask))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -86,9 +111,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     if path.exists():
         mode = path.stat().st_mode & 0o777
     else:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
+        mode = 0o666 & ~current_umask()
     os.chmod(tmp, mode)
     os.replace(tmp, path)
 
@@ -99,7 +122,12 @@ def write_json(path: Path, data: Any, sort_keys: bool = True) -> None:
 
 def read_json(path: Path, produced_by: str | None = None) -> Any:
     require(path, produced_by)
-    return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        fix = f"rerun `rlhf stage {produced_by}`" if produced_by else "fix or replace the file"
+        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise DataError(f"{path} is not valid JSON ({detail}); {fix}") from None
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
@@ -109,7 +137,12 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 def read_jsonl(path: Path, produced_by: str | None = None) -> list[dict]:
     require(path, produced_by)
     rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        fix = f"rerun `rlhf stage {produced_by}`" if produced_by else "fix or replace the file"
+        raise DataError(f"{path} is not UTF-8 text; {fix}") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,8 +153,29 @@ def read_file(path: Path) -> Iterator[RawRow]:
 
 def _row(origin: str, number: int, value: Any) -> RawRow:
     if isinstance(value, dict):
+        if _undecodable(value):
+            return RawRow(origin, number, error=NOT_UTF8)
         return RawRow(origin, number, value)
     return RawRow(origin, number, error=f"not a JSON object but {type(value).__name__}")
+
+
+NOT_UTF8 = "not UTF-8 text"
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _undecodable(value: Any) -> bool:
+    """Whether a value read with errors="surrogateescape" holds bytes that were not UTF-8.
+
+    A whole file is decoded that way so one bad byte spoils only its own row, which can then
+    be named or dropped like any other bad row; the escapes are lone surrogates, which valid
+    UTF-8 never decodes to."""
+    if isinstance(value, str):
+        return _ESCAPED_BYTE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_undecodable(k) or _undecodable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_undecodable(v) for v in value)
+    return False
 
 
 def read_jsonl(path: Path) -> Iterator[RawRow]:
@@ -180,7 +202,7 @@ def read_jsonl(path: Path) -> Iterator[RawRow]:
 
 def read_json(path: Path) -> Iterator[RawRow]:
     """A JSON array of rows (or an object holding one such array); else JSON Lines."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -225,12 +247,14 @@ def read_csv(path: Path) -> Iterator[RawRow]:
     """A header row, then one row per record; every value is a string (empty cells too)."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     origin = str(path)
-    with open(path, newline="", encoding="utf-8-sig") as handle:
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
         try:
+            if _undecodable(reader.fieldnames or []):
+                raise DataError(f"{path} line 1: the header is {NOT_UTF8}; fix the file")
             for number, record in enumerate(reader, start=1):
                 record.pop(None, None)  # values beyond the header
-                yield RawRow(origin, number, record)
+                yield _row(origin, number, record)
         except csv.Error as exc:
             raise DataError(f"{path} line {reader.line_num}: not valid CSV ({exc}); "
                             "fix the file") from None

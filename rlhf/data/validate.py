@@ -79,6 +79,20 @@ def token_lengths(tokenizer, texts: list[str], batch_size: int = 1024) -> list[i
     return lengths
 
 
+def max_chars_per_token(tokenizer) -> int:
+    """The most characters one token can stand for: its longest vocabulary entry (byte-level
+    BPE entries have one character per byte, SentencePiece's '▁' stands for one space, byte
+    fallback and WordPiece '##' entries cover fewer characters than they have). So a text of
+    more than max_length * this many characters cannot fit in max_length tokens."""
+    return max((len(token) for token in tokenizer.get_vocab()), default=1) or 1
+
+
+def normalise_prompt(text: str) -> str:
+    """A prompt as leakage checks compare it: runs of whitespace made one space, ends stripped
+    (a copy of an eval prompt with a trailing newline or doubled space is still that prompt)."""
+    return " ".join(text.split())
+
+
 def _content_problem(row: dict, kind: str, fields: Fields) -> Optional[BadRow]:
     for key in KEYS[kind]:
         if not row[key].strip():
@@ -107,6 +121,23 @@ def adapt(rows: Iterable[RawRow], adapter: Callable[[dict, ChatRenderer], tuple[
             candidates.append((raw, problem or Item(row, raw.where, fields)))
         except BadRow as bad:
             candidates.append((raw, bad))
+
+    # A row too long in characters for any tokenization to fit is rejected before it is
+    # tokenized: one 20 MB row would otherwise take a minute and gigabytes to count.
+    limit = max_length * max_chars_per_token(tokenizer)
+    for j, (raw, outcome) in enumerate(candidates):
+        if not isinstance(outcome, Item):
+            continue
+        longest = max(RESPONSES[kind], key=lambda k: len(outcome.row[k]), default=None)
+        chars = len(outcome.row["prompt"]) + (len(outcome.row[longest]) if longest else 0)
+        if chars > limit:
+            what = f"prompt + {longest}" if longest else "prompt"
+            name = max(("prompt", *([longest] if longest else [])),
+                       key=lambda k: len(outcome.row[k]))  # the field to shorten
+            candidates[j] = (raw, BadRow(
+                "too_long", outcome.fields.get(name, name),
+                f"is too long: {what} is {chars} characters, more than data.max_length "
+                f"({max_length}) tokens can hold"))
 
     positions = [j for j, (_, outcome) in enumerate(candidates) if isinstance(outcome, Item)]
     good: list[Item] = [candidates[j][1] for j in positions]  # type: ignore[misc]
@@ -138,12 +169,13 @@ def adapt(rows: Iterable[RawRow], adapter: Callable[[dict, ChatRenderer], tuple[
 
 
 def dedupe(items: list[Item], kind: str, report: SplitReport) -> list[Item]:
-    """Exact duplicates removed (the first kept): same prompt in a prompt split, the same
-    whole row in a pair or SFT split (several pairs per prompt are normal and kept)."""
+    """Duplicates removed (the first kept): same prompt (up to whitespace) in a prompt split,
+    the same whole row in a pair or SFT split (several pairs per prompt are normal and kept)."""
     seen: set[tuple] = set()
     out = []
     for item in items:
-        key = tuple(item.row[k] for k in KEYS[kind])
+        key = tuple(normalise_prompt(item.row[k]) if k == "prompt" else item.row[k]
+                    for k in KEYS[kind])
         if key in seen:
             report.drop("duplicate")
             continue
@@ -153,17 +185,20 @@ def dedupe(items: list[Item], kind: str, report: SplitReport) -> list[Item]:
 
 
 def remove_prompts(items: list[Item], prompts: set[str], report: SplitReport) -> list[Item]:
-    """Training rows whose prompt is an evaluation prompt are removed (train/eval leakage)."""
-    out = [item for item in items if item.row["prompt"] not in prompts]
+    """Training rows whose prompt is an evaluation prompt (up to whitespace) are removed
+    (train/eval leakage)."""
+    prompts = {normalise_prompt(p) for p in prompts}
+    out = [item for item in items if normalise_prompt(item.row["prompt"]) not in prompts]
     report.drop("train_eval_overlap", len(items) - len(out))
     return out
 
 
 def hold_out(items: list[Item], fraction: float, seed: int, report: SplitReport,
              origin: str) -> tuple[list[Item], list[Item]]:
-    """Split by prompt (all pairs of a prompt land on the same side): a seeded shuffle of the
-    distinct prompts, `fraction` of them (at least one) held out. Row order is kept."""
-    prompts = list(dict.fromkeys(item.row["prompt"] for item in items))
+    """Split by prompt, up to whitespace (all pairs of a prompt land on the same side): a
+    seeded shuffle of the distinct prompts, `fraction` of them (at least one) held out. Row
+    order is kept."""
+    prompts = list(dict.fromkeys(normalise_prompt(item.row["prompt"]) for item in items))
     if len(prompts) < 2:
         raise DataError(
             f"{origin} has {len(prompts)} distinct usable prompt(s); at least 2 are needed to "
@@ -173,7 +208,7 @@ def hold_out(items: list[Item], fraction: float, seed: int, report: SplitReport,
     shuffled = list(prompts)
     random.Random(seed).shuffle(shuffled)
     held = set(shuffled[:n_eval])
-    train = [item for item in items if item.row["prompt"] not in held]
-    evals = [item for item in items if item.row["prompt"] in held]
+    train = [item for item in items if normalise_prompt(item.row["prompt"]) not in held]
+    evals = [item for item in items if normalise_prompt(item.row["prompt"]) in held]
     report.held_out += len(evals)
     return train, evals

@@ -169,6 +169,16 @@ class MLflowLogger:
         else:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_table(self, name: str, rows, step: int | None = None) -> None:
+        """A table artifact `tables/<name>-step<step>.json` (MLflow's table view reads it)."""
+        if not rows:
+            return
+        columns = list(rows[0])
+        data = {column: [row.get(column) for row in rows] for column in columns}
+        suffix = f"-step{step:06d}" if step is not None else ""
+        mlflow.log_table(data=data, artifact_file=f"tables/{name}{suffix}.json",
+                         run_id=self.run_id)
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Params, redacted (see `redact`)."""
         if params:

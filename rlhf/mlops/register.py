@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional
 import mlflow
 
 from rlhf.config import Params
-from rlhf.io import read_json, require, write_json
+from rlhf.io import read_json, read_jsonl, require, write_json
 from rlhf.mlops import dvc, registry
 from rlhf.mlops.mlflow_tracking import configure, experiment_id, git_commit
 from rlhf.paths import Paths
@@ -42,8 +42,12 @@ def register(params: Params, paths: Paths, parent_run_id: Optional[str] = None,
                               run_name="register",
                               tags={"stage": "register"}) as run:
             run_id = run.info.run_id
-    version = registry.register_policy(paths.policy, params.registry.model_name, eval_metrics,
-                                       lineage_tags(params, paths, tags), run_id=run_id)
+    prompts = read_jsonl(paths.prepared / "eval_prompts.jsonl", produced_by="prepare")
+    version = registry.register_policy(
+        paths.policy, params.registry.model_name, eval_metrics, lineage_tags(params, paths, tags),
+        run_id=run_id, input_example=prompts[0]["prompt"] if prompts else None,
+        sampling={"temperature": params.eval.temperature,
+                  "max_new_tokens": params.eval.max_new_tokens})
     record = {"model_name": params.registry.model_name, "version": version, "run_id": run_id,
               "alias": registry.CANDIDATE}
     write_json(paths.metrics_file("register"), record)

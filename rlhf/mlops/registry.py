@@ -18,7 +18,7 @@ import importlib.metadata
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import mlflow
 from mlflow import MlflowClient
@@ -61,12 +61,18 @@ def register_policy(
     eval_metrics: Mapping[str, Any],
     lineage_tags: Mapping[str, Any],
     run_id: str | None = None,
+    sampling: Mapping[str, Any] | None = None,
+    input_example: str | None = None,
 ) -> int:
     """Log the policy in `model_dir` as a new version of `registered_name`; returns its number.
 
     The model is logged (`name="policy"`, task text-generation) under `run_id`, else under this
     thread's active run, else under a new run. The version is tagged with the flattened eval
     metrics and the (redacted) lineage tags, and gets the alias `candidate`.
+
+    `sampling` ({temperature, max_new_tokens}) becomes the model's generation config (pure
+    ancestral sampling: do_sample, top_k=0, top_p=1), so the registered model generates the way
+    it was evaluated; `input_example` (a prompt) gives the version an example and a signature.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,12 +80,15 @@ def register_policy(
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True,
                                                  trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    if sampling is not None:
+        model.generation_config = evaluated_generation_config(model, tokenizer, sampling)
     client = MlflowClient()
 
     active = mlflow.active_run()
     if run_id is None and active is None:
         with mlflow.start_run(run_name=f"register-{registered_name}") as run:
-            info = _log_policy(model, tokenizer, registered_name, run.info.run_id, None)
+            info = _log_policy(model, tokenizer, registered_name, run.info.run_id, None,
+                               input_example)
     else:
         run_id = run_id or active.info.run_id
         model_id = None
@@ -91,7 +100,7 @@ def register_policy(
                 source_run_id=run_id,
                 experiment_id=client.get_run(run_id).info.experiment_id,
             ).model_id
-        info = _log_policy(model, tokenizer, registered_name, run_id, model_id)
+        info = _log_policy(model, tokenizer, registered_name, run_id, model_id, input_example)
 
     version = str(info.registered_model_version)
     tags = {**flatten_metrics(eval_metrics), **redact(lineage_tags)}
@@ -101,11 +110,31 @@ def register_policy(
     return int(version)
 
 
-def _log_policy(model, tokenizer, registered_name: str, run_id: str, model_id: str | None):
+def evaluated_generation_config(model, tokenizer, sampling: Mapping[str, Any]):
+    """The generation config evaluate sampled with: every other sampling field at its neutral
+    value, whatever the base model's own generation_config.json said."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True, temperature=float(sampling["temperature"]), top_k=0, top_p=1.0,
+        max_new_tokens=int(sampling["max_new_tokens"]), eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=model.config.bos_token_id)
+
+
+def _log_policy(model, tokenizer, registered_name: str, run_id: str, model_id: str | None,
+                input_example: str | None = None):
+    signature = None
+    if input_example is not None:
+        from mlflow.models import infer_signature
+
+        # Declared rather than inferred: inference would generate from the example.
+        signature = infer_signature(input_example, "generated text")
     return mlflow.transformers.log_model(
         {"model": model, "tokenizer": tokenizer},
         name="policy",
         task="text-generation",
+        input_example=input_example,
+        signature=signature,
         pip_requirements=pip_requirements(),
         registered_model_name=registered_name,
         run_id=run_id,  # forwarded to mlflow.models.Model.log
@@ -115,14 +144,24 @@ def _log_policy(model, tokenizer, registered_name: str, run_id: str, model_id: s
 
 @dataclass(frozen=True)
 class PromotionGate:
-    """What a candidate must show before it becomes the champion."""
+    """What a candidate must show before it becomes the champion.
 
+    Each criterion applies where its figure exists: the gold-reward ones only on tasks with a
+    gold answer, the champion ones only when there is a champion. RM win rates work on any data.
+    """
+
+    min_rm_win_rate_vs_reference: float = 0.5
+    """The candidate must beat its reference (SFT) on at least this share of eval samples, as the reward model judges (eval.rm_win_rate)."""
+    min_rm_win_rate_vs_champion: float = 0.5
+    """The candidate must beat the current champion on at least this share of samples, as the candidate's reward model judges (sampled at promotion)."""
+    head_to_head_samples: int = 8
+    """Samples per eval prompt and model for the candidate-vs-champion comparison."""
+    require_kl_within_budget: bool = True
+    """The policy's KL to the reference must be within `eval.kl_budget` (`kl_within_budget`)."""
     min_gold_ratio_vs_champion: float = 1.0
     """The candidate's policy gold reward must be >= this times the champion's (no champion: pass)."""
     min_gold_ratio_vs_reference: float = 1.0
     """`gold_ratio` (policy / reference gold reward on the eval prompts) must be >= this."""
-    require_kl_within_budget: bool = True
-    """The policy's KL to the reference must be within `eval.kl_budget` (`kl_within_budget`)."""
     min_gold_reward: float = 0.0
     """The candidate's policy gold reward must be >= this."""
 
@@ -141,6 +180,8 @@ class PromotionDecision:
     """One line per failed check, with the numbers; empty when promoted."""
     passed: list[str] = field(default_factory=list)
     """One line per passed check."""
+    criteria: list[dict] = field(default_factory=list)
+    """Every criterion judged: {criterion, value, threshold, passed}."""
 
 
 def alias_version(registered_name: str, alias: str) -> int | None:
@@ -169,12 +210,15 @@ def _fmt(x: float) -> str:
 
 
 def promote(
-    registered_name: str, version: int | None = None, gate: PromotionGate = PromotionGate()
+    registered_name: str, version: int | None = None, gate: PromotionGate = PromotionGate(),
+    champion_win_rate: Callable[[int, int], float] | None = None,
 ) -> PromotionDecision:
     """Judge `version` (None: the `candidate` alias) with `gate`; move `champion` to it if it passes.
 
-    The numbers come from the version's `eval.*` tags. On a refusal the `champion` alias is left
-    where it was. The decision is also written on the version as `promotion.*` tags.
+    The figures come from the version's `eval.*` tags, except the RM win rate against the
+    champion, which `champion_win_rate(version, champion)` measures (None: not judged). On a
+    refusal the `champion` alias is left where it was. The decision is written on the version
+    as `promotion.*` tags: the verdict, and each criterion with its value and threshold.
     """
     client = MlflowClient()
     if version is None:
@@ -184,45 +228,26 @@ def promote(
     tags = client.get_model_version(registered_name, str(version)).tags
     champion = alias_version(registered_name, CHAMPION)
     decision = PromotionDecision(version=version, promoted=False, previous_champion=champion)
-    fail, ok = decision.reasons.append, decision.passed.append
+    rival = champion if champion is not None and champion != version else None
+    rival_tags = client.get_model_version(registered_name, str(rival)).tags if rival else {}
 
-    gold = _number(tags, "eval.policy.gold_reward")
-    if gold is None:
-        fail(f"version {version} has no numeric eval.policy.gold_reward tag")
-    else:
-        if gold >= gate.min_gold_reward:
-            ok(f"gold reward {_fmt(gold)} >= minimum {_fmt(gate.min_gold_reward)}")
-        else:
-            fail(f"gold reward {_fmt(gold)} < minimum {_fmt(gate.min_gold_reward)}")
+    def judge(criterion: str, value, threshold: str, passed: bool, line: str) -> None:
+        decision.criteria.append({"criterion": criterion, "value": value,
+                                  "threshold": threshold, "passed": passed})
+        (decision.passed if passed else decision.reasons).append(line)
 
-        if champion is None:
-            ok("no current champion")
-        elif champion == version:
-            ok(f"version {version} is already the champion")
-        else:
-            champion_tags = client.get_model_version(registered_name, str(champion)).tags
-            champion_gold = _number(champion_tags, "eval.policy.gold_reward")
-            if champion_gold is None:
-                ok(f"champion (version {champion}) has no gold reward to beat")
-            else:
-                needed = gate.min_gold_ratio_vs_champion * champion_gold
-                times = (
-                    "" if gate.min_gold_ratio_vs_champion == 1.0
-                    else f"{_fmt(gate.min_gold_ratio_vs_champion)} x "
-                )  # fmt: skip
-                line = f"champion's {times}{_fmt(champion_gold)} (version {champion})"
-                if gold >= needed:
-                    ok(f"gold reward {_fmt(gold)} >= {line}")
-                else:
-                    fail(f"gold reward {_fmt(gold)} < {line}")
-
-    ratio = _number(tags, "eval.gold_ratio")
-    if ratio is None:
-        fail(f"version {version} has no numeric eval.gold_ratio tag")
-    elif ratio >= gate.min_gold_ratio_vs_reference:
-        ok(f"gold ratio vs reference {_fmt(ratio)} >= {_fmt(gate.min_gold_ratio_vs_reference)}")
-    else:
-        fail(f"gold ratio vs reference {_fmt(ratio)} < {_fmt(gate.min_gold_ratio_vs_reference)}")
+    # On any data: the reward model's verdict against the reference, and against the champion.
+    rm_win = _number(tags, "eval.rm_win_rate")
+    if rm_win is not None:
+        needed = gate.min_rm_win_rate_vs_reference
+        judge("rm_win_rate_vs_reference", rm_win, f">= {_fmt(needed)}", rm_win >= needed,
+              f"RM win rate vs reference {_fmt(rm_win)} {'>=' if rm_win >= needed else '<'} "
+              f"{_fmt(needed)}")
+    if rival is not None and champion_win_rate is not None:
+        rate, needed = champion_win_rate(version, rival), gate.min_rm_win_rate_vs_champion
+        judge("rm_win_rate_vs_champion", rate, f">= {_fmt(needed)}", rate >= needed,
+              f"RM win rate vs champion (version {rival}) {_fmt(rate)} "
+              f"{'>=' if rate >= needed else '<'} {_fmt(needed)}")
 
     if gate.require_kl_within_budget:
         within = tags.get("eval.kl_within_budget")
@@ -230,22 +255,48 @@ def promote(
         numbers = f"KL {_fmt(kl) if kl is not None else '?'} vs budget " + (
             _fmt(budget) if budget is not None else "?"
         )
-        if within == "true":
-            ok(f"{numbers}: within budget")
-        else:
-            fail(f"{numbers}: not within budget (eval.kl_within_budget={within})")
+        judge("kl_within_budget", kl, f"<= {_fmt(budget) if budget is not None else '?'}",
+              within == "true", f"{numbers}: within budget" if within == "true" else
+              f"{numbers}: not within budget (eval.kl_within_budget={within})")
 
+    # Where the task has a gold answer: the gold reward decides too.
+    gold = _number(tags, "eval.policy.gold_reward")
+    if gold is not None:
+        judge("gold_reward", gold, f">= {_fmt(gate.min_gold_reward)}",
+              gold >= gate.min_gold_reward,
+              f"gold reward {_fmt(gold)} {'>=' if gold >= gate.min_gold_reward else '<'} "
+              f"minimum {_fmt(gate.min_gold_reward)}")
+        champion_gold = _number(rival_tags, "eval.policy.gold_reward")
+        if rival is not None and champion_gold is not None:
+            needed = gate.min_gold_ratio_vs_champion * champion_gold
+            times = ("" if gate.min_gold_ratio_vs_champion == 1.0
+                     else f"{_fmt(gate.min_gold_ratio_vs_champion)} x ")
+            line = f"champion's {times}{_fmt(champion_gold)} (version {rival})"
+            judge("gold_reward_vs_champion", gold, f">= {_fmt(needed)}", gold >= needed,
+                  f"gold reward {_fmt(gold)} {'>=' if gold >= needed else '<'} {line}")
+        ratio = _number(tags, "eval.gold_ratio")
+        if ratio is not None:
+            needed = gate.min_gold_ratio_vs_reference
+            judge("gold_ratio_vs_reference", ratio, f">= {_fmt(needed)}", ratio >= needed,
+                  f"gold ratio vs reference {_fmt(ratio)} {'>=' if ratio >= needed else '<'} "
+                  f"{_fmt(needed)}")
+
+    if not decision.criteria:
+        decision.reasons.append(f"version {version} has no eval figures to judge (no eval.* "
+                                "tags): register it through the pipeline")
     decision.promoted = not decision.reasons
     if decision.promoted:
         client.set_registered_model_alias(registered_name, CHAMPION, str(version))
-    client.set_model_version_tag(
-        registered_name, str(version), "promotion.decision",
-        "promoted" if decision.promoted else "refused",
-    )  # fmt: skip
+    verdict = {"promotion.decision": "promoted" if decision.promoted else "refused",
+               "promotion.previous_champion": str(champion) if champion is not None else "none"}
+    for item in decision.criteria:
+        value = _fmt(item["value"]) if isinstance(item["value"], float) else str(item["value"])
+        verdict[f"promotion.{item['criterion']}"] = (
+            f"{value} (needs {item['threshold']}): {'pass' if item['passed'] else 'FAIL'}")
     if decision.reasons:
-        client.set_model_version_tag(
-            registered_name, str(version), "promotion.reasons", "; ".join(decision.reasons)
-        )
+        verdict["promotion.reasons"] = "; ".join(decision.reasons)
+    for key, value in verdict.items():
+        client.set_model_version_tag(registered_name, str(version), key, value)
     return decision
 
 

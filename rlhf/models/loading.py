@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, PreTrainedTokenizerBase)
@@ -48,9 +51,11 @@ def _revision(revision: str | None) -> dict:
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False,
                    revision: str | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer, left-padding (for generation) and with a pad token (its EOS token when
-    it has none: masks come from lengths and the first EOS, never from pad ids). `revision`
-    pins a hub model's branch, tag or commit (model.revision); local folders ignore it."""
+    """The tokenizer, left-padding (for generation) and with a pad token the model can embed
+    (its EOS token when it has none, or when its own is outside the model's vocabulary: masks
+    come from lengths and the first EOS, never from pad ids, so any in-vocabulary id pads).
+    `revision` pins a hub model's branch, tag or commit (model.revision); local folders
+    ignore it."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code,
                                                   **_revision(revision))
@@ -63,8 +68,31 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False,
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    vocab_size = model_vocab_size(path, trust_remote_code, revision)
+    if vocab_size is not None and tokenizer.pad_token_id >= vocab_size:
+        # transformers 5 gives some tokenizers (Qwen2's) a default pad token, <|endoftext|>,
+        # when the checkpoint has none, with an id past the embedding matrix: the first padded
+        # batch would raise IndexError.
+        warnings.warn(
+            f"the tokenizer of {path} pads with {tokenizer.pad_token!r} (id "
+            f"{tokenizer.pad_token_id}), outside the model's {vocab_size}-token vocabulary; "
+            f"padding with its EOS token {tokenizer.eos_token!r} instead", stacklevel=2)
+        tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def model_vocab_size(path: str | Path, trust_remote_code: bool = False,
+                     revision: str | None = None) -> int | None:
+    """Rows of the embedding matrix, from the config beside the tokenizer; None if unknown."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                            **_revision(revision))
+    except Exception:  # a tokenizer without a model config: nothing to check against
+        return None
+    return getattr(config.get_text_config(), "vocab_size", None)
 
 
 def _load_error(what: str, path: str | Path, exc: Exception) -> Exception:
@@ -76,6 +104,9 @@ def _load_error(what: str, path: str | Path, exc: Exception) -> Exception:
             f"the {what} at {path} needs its own Python code to load; set "
             "model.trust_remote_code=true only if you trust that code"
         )
+    if isinstance(exc, json.JSONDecodeError):
+        return UserError(f"cannot load the {what} at {path}: a JSON file there is not valid JSON "
+                         f"({detail}); replace it or check model.name_or_path")
     if isinstance(exc, OSError):
         weights = " (weights are only read from .safetensors files)" if what == "model" else ""
         return UserError(f"cannot load the {what} at {path} ({detail}); check "
@@ -89,6 +120,9 @@ def _from_pretrained(auto_class, path: str | Path, trust_remote_code: bool, **kw
                                           use_safetensors=True, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error("model", path, exc) from None
+    except SafetensorError as exc:  # stage outputs are checked before (rlhf.artifacts), a base not
+        raise UserError(f"cannot load the model at {path}: a .safetensors file is corrupt or "
+                        f"truncated ({exc}); replace it or check model.name_or_path") from None
 
 
 def load_causal_lm(path: str | Path, trust_remote_code: bool = False,

@@ -1,11 +1,12 @@
 """Stage `evaluate`: the trained policy against the reference (SFT) on held-out prompts.
 
-For each model, `eval.n_samples` samples per prompt give: the mean gold reward and exact
-match (builtin task), the mean reward-model score, the KL to the reference (summed over a
-response's tokens), and pass@k for k = 1, 2, 4, ... with the unbiased estimator. The policy's
-win rate pairs its i-th sample with the reference's i-th sample on the same prompt and
-compares gold rewards (ties count half). The judgement is the gold reward, never the RM
-score, which PPO can exploit.
+For each model, `eval.n_samples` samples per prompt give, on any data: the mean reward-model
+score, the KL to the reference (summed over a response's tokens), the mean response length
+and the EOS rate; on tasks with a gold answer (the builtin task) also the mean gold reward,
+exact match and pass@k for k = 1, 2, 4, ... with the unbiased estimator. Win rates pair the
+policy's i-th sample with the reference's i-th sample on the same prompt (ties count half):
+`rm_win_rate` as the reward model judges, `win_rate` by the gold reward where there is one.
+Where a gold reward exists it is the judgement, never the RM score, which PPO can exploit.
 
 `eval.max_prompts` caps the number of prompts: a sample seeded by data.seed (the same prompts
 for every run on the same data, so runs stay comparable), kept in file order.
@@ -22,15 +23,17 @@ from pathlib import Path
 import torch
 
 from rlhf import rl_math as rl
+from rlhf.artifacts import require_model
 from rlhf.config import Params
 from rlhf.data.tokenize import encode
 from rlhf.engine import make_accelerator
 from rlhf.generation import decode_responses, generate
-from rlhf.io import atomic_write_text, read_json, read_jsonl, write_json
+from rlhf.io import atomic_write_text, read_jsonl, write_json
 from rlhf.models.loading import ScalarHeadModel, lm_logits, load_causal_lm, load_tokenizer
 from rlhf.paths import Paths
 from rlhf.progress import progress_bar
 from rlhf.stages import reference as reference_stage
+from rlhf.stages import reward as reward_stage
 from rlhf.stages.ppo import gold_reward_fn, response_logprobs
 from rlhf.tracking import MetricsLogger, NullLogger
 
@@ -50,7 +53,8 @@ def sample_and_score(model, reference, reward_model, tokenizer, prompts: list[st
     summed KL of `model` to `reference` on each sample."""
     cfg = params.eval
     repeated = [p for p in prompts for _ in range(cfg.n_samples)]
-    out: dict[str, list] = {"prompt": [], "text": [], "score": [], "kl": []}
+    out: dict[str, list] = {"prompt": [], "text": [], "score": [], "kl": [], "length": [],
+                            "eos": []}
     starts = range(0, len(repeated), cfg.batch_size)
     with progress_bar(f"eval {label}", len(starts)) as bar:
         for start in starts:
@@ -60,8 +64,8 @@ def sample_and_score(model, reference, reward_model, tokenizer, prompts: list[st
                 cfg.temperature, device)
             responses = rl.truncate_after_eos(responses, tokenizer.eos_token_id,
                                               tokenizer.pad_token_id)
-            mask = rl.mask_from_lengths(rl.response_lengths(responses, tokenizer.eos_token_id),
-                                        responses.shape[1])
+            lengths = rl.response_lengths(responses, tokenizer.eos_token_id)  # (B,)
+            mask = rl.mask_from_lengths(lengths, responses.shape[1])
             query_responses = torch.cat([query, responses], 1)
             attention_mask = torch.cat([query_mask, mask.long()], 1)
             width = query.shape[1]
@@ -79,15 +83,20 @@ def sample_and_score(model, reference, reward_model, tokenizer, prompts: list[st
             out["text"] += decode_responses(tokenizer, responses)
             out["score"] += reward_model.score(query_responses, attention_mask).float().tolist()
             out["kl"] += kl.float().tolist()
+            out["length"] += lengths.tolist()
+            out["eos"] += (responses == tokenizer.eos_token_id).any(1).tolist()
             bar.advance()
     return out
 
 
 def summarise(samples: dict[str, list], prompts: list[str], params: Params, gold) -> dict:
     n = params.eval.n_samples
+    count = len(samples["score"])
     result = {
-        "rm_score": sum(samples["score"]) / len(samples["score"]),
-        "kl": sum(samples["kl"]) / len(samples["kl"]),
+        "rm_score": sum(samples["score"]) / count,
+        "kl": sum(samples["kl"]) / count,
+        "response_length": sum(samples["length"]) / count,
+        "eos_rate": sum(samples["eos"]) / count,
     }
     if gold is not None:
         golds = [gold(p, t) for p, t in zip(samples["prompt"], samples["text"])]
@@ -100,6 +109,27 @@ def summarise(samples: dict[str, list], prompts: list[str], params: Params, gold
         result["pass_at_k"] = {str(k): rl.pass_at_k_array(n, counts, k)
                                for k in ks_up_to(params.eval.max_k)}
     return result
+
+
+def completions_table(policy: dict[str, list], reference: dict[str, list], n_samples: int,
+                      prompts: int = 32) -> list[dict]:
+    """The first sample of each model on up to `prompts` eval prompts, side by side."""
+    rows = []
+    for i in range(0, min(len(policy["prompt"]), prompts * n_samples), n_samples):
+        row = {"prompt": policy["prompt"][i], "policy": policy["text"][i],
+               "policy_rm_score": round(policy["score"][i], 4),
+               "reference": reference["text"][i],
+               "reference_rm_score": round(reference["score"][i], 4)}
+        if "gold" in policy:
+            row.update(policy_gold=policy["gold"][i], reference_gold=reference["gold"][i])
+        rows.append(row)
+    return rows
+
+
+def win_rate(ours: list[float], theirs: list[float]) -> float:
+    """How often sample i of ours beats sample i of theirs (same prompt); ties count half."""
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs)]
+    return sum(wins) / len(wins)
 
 
 def select_prompts(prompts: list[str], max_prompts, seed: int) -> list[str]:
@@ -116,8 +146,8 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     available = [r["prompt"] for r in read_jsonl(paths.prepared / "eval_prompts.jsonl",
                                                  produced_by="prepare")]
     prompts = select_prompts(available, params.eval.max_prompts, params.data.seed)
-    read_json(paths.policy / "config.json", produced_by="ppo")
-    read_json(paths.reward / "config.json", produced_by="reward")
+    require_model(paths.policy, produced_by="ppo")
+    reward_stage.verify(paths.reward)
     reference_stage.verify(paths.reference)
     accelerator = make_accelerator(params.train, seed_offset=5)
     device = accelerator.device
@@ -140,13 +170,15 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         "kl_budget": params.eval.kl_budget,
     }
     report["kl_within_budget"] = report["policy"]["kl"] <= params.eval.kl_budget
+    # Judged by the reward model: the only judge there is on data without a gold reward.
+    report["rm_win_rate"] = win_rate(policy_samples["score"], reference_samples["score"])
     if gold is not None:
-        wins = [1.0 if a > b else 0.5 if a == b else 0.0
-                for a, b in zip(policy_samples["gold"], reference_samples["gold"])]
-        report["win_rate"] = sum(wins) / len(wins)
+        report["win_rate"] = win_rate(policy_samples["gold"], reference_samples["gold"])
         report["gold_ratio"] = (report["policy"]["gold_reward"]
                                 / max(report["reference"]["gold_reward"], 1e-9))
 
+    logger.log_table("eval_completions", completions_table(policy_samples, reference_samples,
+                                                           params.eval.n_samples))
     if accelerator.is_main_process:
         write_json(paths.metrics_file("eval"), report, sort_keys=False)  # k in numeric order
         if gold is not None:

@@ -27,6 +27,7 @@ a plain Hugging Face model, as without LoRA.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from rlhf import rl_math as rl
+from rlhf.artifacts import require_model
 from rlhf.config import Params, PPOConfig
 from rlhf.data import builtin_sort
 from rlhf.data.tokenize import collate_sft, encode, encode_sft
@@ -44,13 +46,14 @@ from rlhf import checkpoints as ckpt
 from rlhf.engine import make_accelerator
 from rlhf.errors import DataError
 from rlhf.generation import decode_responses, generate
-from rlhf.io import atomic_dir, atomic_write_text, read_json, read_jsonl, write_json
+from rlhf.io import atomic_dir, atomic_write_text, read_jsonl, write_json
 from rlhf.models import lora
 from rlhf.models.loading import (AdaptersDisabled, ScalarHeadModel, lm_logits, load_causal_lm,
                                  load_tokenizer, position_kwargs)
 from rlhf.paths import Paths
 from rlhf.progress import progress_bar
 from rlhf.stages import reference as reference_stage
+from rlhf.stages import reward as reward_stage
 from rlhf.tracking import MetricsLogger, NullLogger
 
 
@@ -109,7 +112,8 @@ def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, query_width
 
 @torch.no_grad()
 def collect_rollout(model: PolicyAndValue, reference: nn.Module, reward_model: ScalarHeadModel,
-                    tokenizer, prompts: list[str], cfg: PPOConfig, device) -> Rollout:
+                    tokenizer, prompts: list[str], cfg: PPOConfig, device,
+                    autocast: Callable = contextlib.nullcontext) -> Rollout:
     policy = model.policy
     policy.eval()
     query, query_mask, responses = generate(
@@ -124,10 +128,13 @@ def collect_rollout(model: PolicyAndValue, reference: nn.Module, reward_model: S
 
     logits, values = model(query_responses, attention_mask)
     logprobs, _ = response_logprobs(logits, responses, width, cfg.temperature)
-    ref_logprobs, _ = response_logprobs(lm_logits(reference, query_responses, attention_mask),
-                                        responses, width, cfg.temperature)
+    # The policy's forward runs under the accelerator's autocast (bf16/fp16), so the
+    # reference and reward forwards must too: else the KL at step 1 is precision noise, not 0.
+    with autocast():
+        ref_logits = lm_logits(reference, query_responses, attention_mask).float()
+        scores = reward_model.score(query_responses, attention_mask).float()  # (B,)
+    ref_logprobs, _ = response_logprobs(ref_logits, responses, width, cfg.temperature)
     values = values[:, width - 1:-1]  # (B, R): V(s_t) read where a_t is predicted
-    scores = reward_model.score(query_responses, attention_mask)  # (B,)
     has_eos = (responses == tokenizer.eos_token_id).any(1)
     if cfg.missing_eos_penalty is not None:
         scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.missing_eos_penalty))
@@ -220,8 +227,8 @@ class PromptBatches:
 def load_models(params: Params, paths: Paths):
     """(tokenizer, policy+value, reference, reward model, reference sha256)."""
     trust, cfg = params.model.trust_remote_code, params.model
-    read_json(paths.sft / "config.json", produced_by="sft")
-    read_json(paths.reward / "config.json", produced_by="reward")
+    require_model(paths.sft, produced_by="sft")
+    reward_stage.verify(paths.reward)
     reference_hash = reference_stage.verify(paths.reference)
     tokenizer = load_tokenizer(paths.sft, trust)
     if cfg.lora:
@@ -312,7 +319,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         for step in range(first_step, cfg.steps + 1):
             start = time.perf_counter()
             batch = collect_rollout(unwrapped, reference, reward_model, tokenizer,
-                                    next(batches), cfg, device)
+                                    next(batches), cfg, device, accelerator.autocast)
             # Steps 3-4: shaped rewards, GAE, whitened advantages.
             kl = rl.per_token_kl(batch.logprobs, batch.ref_logprobs)  # (B, R), 0 at padding
             lengths = batch.mask.sum(1)
@@ -360,7 +367,10 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                 row["objective/gold_exact"] = sum(g == 1.0 for g in golds) / len(golds)
             history.append(row)
             logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-            bar.advance(f"score {row['objective/scores']:.2f} kl {mean_kl:.2f}"
+            if step % cfg.log_completions_every == 0 or step == cfg.steps:
+                logger.log_table("ppo_completions", completions_table(batch, gold), step=step)
+            bar.advance(f"score {row['objective/scores']:.2f} kl {mean_kl:.2f} "
+                        f"loss {update['pg_loss'] + cfg.vf_coef * update['vf_loss']:.3f}"
                         + (f" gold {row['objective/gold_reward']:.2f}"
                            if "objective/gold_reward" in row else ""))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -397,6 +407,17 @@ def make_ptx_batches(params: Params, paths: Paths, tokenizer, device,
         return {k: v.to(device) for k, v in batch.items()}
 
     return next_batch
+
+
+def completions_table(batch: Rollout, gold, rows: int = 16) -> list[dict]:
+    """A few of the rollout's samples with their scores: how people catch reward hacking."""
+    table = []
+    for prompt, text, score in list(zip(batch.prompts, batch.texts, batch.scores.tolist()))[:rows]:
+        row = {"prompt": prompt, "response": text, "rm_score": round(score, 4)}
+        if gold is not None:
+            row["gold"] = gold(prompt, text)
+        table.append(row)
+    return table
 
 
 def summarise(history: list[dict], window: int = 10) -> dict:

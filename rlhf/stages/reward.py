@@ -17,6 +17,7 @@ a rerun resumes exactly, mid-epoch included (`rlhf.checkpoints`).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from rlhf import checkpoints as ckpt
 from rlhf import rl_math as rl
+from rlhf.artifacts import require_model, verify_record, write_record
 from rlhf.config import Params
 from rlhf.data.tokenize import collate_sequences, encode, encode_response
 from rlhf.engine import adamw_with_cosine_schedule, make_accelerator
@@ -35,6 +37,14 @@ from rlhf.models.loading import ScalarHeadModel, load_causal_lm, load_tokenizer
 from rlhf.paths import Paths
 from rlhf.progress import progress_bar
 from rlhf.tracking import MetricsLogger, NullLogger
+
+HASH_FILE = "reward.json"  # sha256 of every file defining the reward model (see rlhf.artifacts)
+
+
+def verify(directory: Path) -> str:
+    """The reward model's recorded hash, after checking every defining file still matches
+    it: PPO optimises whatever this model scores, so a silent change would redirect PPO."""
+    return verify_record(directory, HASH_FILE, produced_by="reward", what="reward model")
 
 
 def encode_pairs(tokenizer, rows: list[dict]) -> list[dict]:
@@ -74,7 +84,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     train_rows = read_jsonl(paths.prepared / "preference_train.jsonl", produced_by="prepare")
     eval_rows = read_jsonl(paths.prepared / "preference_eval.jsonl", produced_by="prepare")
     manifest = read_json(paths.prepared / "manifest.json", produced_by="prepare")
-    read_json(paths.sft / "config.json", produced_by="sft")
+    require_model(paths.sft, produced_by="sft")
     if len(train_rows) < cfg.batch_size:  # drop_last would leave no batch at all
         raise DataError(f"{len(train_rows)} training preference pairs are fewer than "
                         f"reward.batch_size ({cfg.batch_size}); lower reward.batch_size to at "
@@ -168,6 +178,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     if accelerator.is_main_process:
         with atomic_dir(paths.reward) as out:
             model.save(out, tokenizer)  # a standard seq-cls checkpoint and its tokenizer
+            write_record(out, HASH_FILE)
         write_json(paths.metrics_file("reward"), metrics)
     checkpoints.finish(accelerator)
     logger.log_metrics(metrics)

@@ -1,0 +1,64 @@
+"""What a running stage shows in Prefect: its log lines and its completions tables.
+
+Stages log progress through Python's `rlhf` loggers (step, figures, ETA: `rlhf.progress`) and
+report tables through their `MetricsLogger`. Inside a Prefect task, `stage_reporting` forwards
+both: log records to the task's run logger (the Prefect UI's logs tab), tables to a Prefect
+table artifact per stage (in addition to MLflow).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Sequence
+
+from prefect import get_run_logger
+from prefect.artifacts import create_table_artifact
+
+
+class _ToRunLogger(logging.Handler):
+    def __init__(self, run_logger) -> None:
+        super().__init__(level=logging.INFO)
+        self.run_logger = run_logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.run_logger.log(record.levelno, record.getMessage())
+
+
+class PrefectReportingLogger:
+    """A stage's `MetricsLogger` whose tables also become Prefect table artifacts; everything
+    else (metrics, artifacts, `run_id`) goes to the wrapped logger."""
+
+    def __init__(self, inner, stage: str) -> None:
+        self._inner, self._stage = inner, stage
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._inner.log_metrics(metrics, step=step)
+
+    def log_artifact(self, path) -> None:
+        self._inner.log_artifact(path)
+
+    def log_table(self, name: str, rows: Sequence[Mapping[str, Any]],
+                  step: int | None = None) -> None:
+        self._inner.log_table(name, rows, step=step)
+        at = f" at step {step}" if step is not None else ""
+        create_table_artifact(key=name.replace("_", "-").lower(), table=[dict(r) for r in rows],
+                              description=f"{self._stage}: {name}{at}")
+
+
+@contextmanager
+def stage_reporting(stage: str, logger) -> Iterator[PrefectReportingLogger]:
+    """Within the block, `rlhf` log records reach this task's Prefect logs."""
+    handler = _ToRunLogger(get_run_logger())
+    package_logger = logging.getLogger("rlhf")
+    level = package_logger.level
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+    try:
+        yield PrefectReportingLogger(logger, stage)
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(level)
