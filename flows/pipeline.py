@@ -138,8 +138,9 @@ def stage_params(params: Params, keys: Iterable[str]) -> dict[str, Any]:
 def _external_inputs(params: Params, root: Path) -> dict[str, str]:
     """Content hashes of the local files a stage reads that no stage wrote: data sources and
     the base model when they name a local path (relative to the project root). A hub id is
-    keyed by its name only, so a dataset or model changed upstream under the same name does
-    not invalidate the cache: delete the stage's outputs to force a rerun."""
+    keyed by its name and its pinned revision (data.revision, model.revision: stage params),
+    so with no revision pinned, a dataset or model changed upstream under the same name does
+    not invalidate the cache: pin a commit sha, or delete the stage's outputs to rerun."""
     hashes = {}
     for key in ("data.source", "data.sft_source", "data.prompts_source", "model.name_or_path"):
         section, _, field = key.partition(".")

@@ -458,6 +458,37 @@ def test_reward_model_loads_as_a_standard_seq_cls_model(tmp_path, model_dirs, ar
     assert loaded.score_std == 1.7
 
 
+# --- pinned hub revisions ----------------------------------------------------------------
+
+def test_revisions_reach_the_manifest_cache_keys_and_lineage(tmp_path, model_dirs, data_files):
+    """model.revision / data.revision pin hub models and datasets (a local folder ignores a
+    model revision; a local data file with one is a one-line error). They are recorded in the
+    manifest and the model version's lineage tags, and the prepare and sft stages' dvc.yaml
+    params (so the flow's cache keys) cover them."""
+    from rlhf.data import sources
+    from rlhf.errors import DataError
+    from rlhf.mlops import dag
+    from rlhf.mlops.register import lineage_tags
+
+    params = load_params(REPO / "params.yaml", TINY_OVERRIDES + [
+        f"data.source={data_files['explicit']}", f"model.name_or_path={model_dirs['gpt2']}",
+        "model.revision=v1.0"])
+    paths = Paths(tmp_path)
+    stages.get("prepare")(params, paths)
+    manifest = json.loads((paths.prepared / "manifest.json").read_text())
+    assert manifest["tokenizer_revision"] == "v1.0" and manifest["revision"] is None
+    assert lineage_tags(params, paths)["model.revision"] == "v1.0"
+    assert "data.revision" not in lineage_tags(params, paths)
+
+    with pytest.raises(DataError, match=r"data.revision \('abc'\) pins a hub dataset, but "
+                                        r"data.source is the local path .*set data.revision to null$"):
+        sources.load(str(data_files["explicit"]), "train", None, tmp_path, revision="abc")
+
+    declared = dag.read(REPO)
+    assert {"data", "model.revision"} <= set(declared["prepare"].params)
+    assert "model" in declared["sft"].params
+
+
 # --- padding invariance of scores and log-probs ------------------------------------------
 
 def _layouts(sequences: list[list[int]], pad: int):

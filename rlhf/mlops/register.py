@@ -25,6 +25,8 @@ def lineage_tags(params: Params, paths: Paths, extra: Optional[Mapping[str, Any]
     reference = paths.reference / "reference.json"
     if reference.exists():
         tags["reference.sha256"] = read_json(reference)["sha256"]
+    tags.update({f"{section}.revision": getattr(params, section).revision  # pinned hub revisions
+                 for section in ("model", "data") if getattr(params, section).revision})
     tags.update(extra or {})
     return tags
 
