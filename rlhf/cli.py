@@ -29,6 +29,10 @@ RootOption = typer.Option(Path("."), "--root",
 FreshOption = typer.Option(False, "--fresh",
                            help="Ignore the checkpoints of an interrupted run and start over.")
 PARENT_RUN_ENV = "RLHF_MLFLOW_PARENT_RUN_ID"
+# The temporary Prefect server of `rlhf run` (no PREFECT_API_URL) migrates a fresh database
+# on its first start: 20 s, Prefect's default, is too short on a busy laptop. No telemetry.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _log_progress_lines() -> None:
@@ -232,7 +236,7 @@ def _read(path: Path) -> dict:
 
 
 def print_summary(summary: Optional[dict], root: Path) -> None:
-    """The figures that matter, the model version, and where to look."""
+    """The figures that matter, the candidate and the champion, and where to look."""
     metrics = Path(root) / "metrics"
     evaluation, reward, registered = (_read(metrics / f"{name}.json")
                                       for name in ("eval", "reward", "register"))
@@ -241,7 +245,7 @@ def print_summary(summary: Optional[dict], root: Path) -> None:
     table = Table(title="rlhf: held-out evaluation", show_header=True)
     for column in ("metric", "policy", "reference (SFT)"):
         table.add_column(column)
-    for key in ("gold_reward", "exact_match", "rm_score", "kl"):
+    for key in ("gold_reward", "exact_match", "rm_score", "kl", "response_length", "eos_rate"):
         if key in evaluation["policy"]:
             table.add_row(key, f"{evaluation['policy'][key]:.3f}",
                           f"{evaluation['reference'][key]:.3f}")
@@ -250,24 +254,73 @@ def print_summary(summary: Optional[dict], root: Path) -> None:
             table.add_row(f"pass@{k}", f"{evaluation['policy']['pass_at_k'][k]:.3f}",
                           f"{evaluation['reference']['pass_at_k'][k]:.3f}")
     out.print(table)
+    budget = (f"KL {evaluation['policy']['kl']:.2f} nats (budget {evaluation['kl_budget']}: "
+              f"{'ok' if evaluation['kl_within_budget'] else 'EXCEEDED'})")
     if "gold_ratio" in evaluation:
         out.print(f"gold ratio policy/reference [bold]{evaluation['gold_ratio']:.2f}x[/], "
-                  f"win rate {evaluation['win_rate']:.2f}, KL {evaluation['policy']['kl']:.2f} "
-                  f"nats (budget {evaluation['kl_budget']}: "
-                  f"{'ok' if evaluation['kl_within_budget'] else 'EXCEEDED'})")
+                  f"win rate {evaluation['win_rate']:.2f}, {budget}")
+    if "rm_win_rate" in evaluation:
+        out.print(f"RM win rate over the reference {evaluation['rm_win_rate']:.2f}, {budget}")
     if reward:
-        out.print(f"reward model accuracy {reward['reward/accuracy']:.3f} "
-                  f"(noise ceiling {reward.get('reward/noise_ceiling', float('nan')):.3f})")
-    if registered:
-        out.print(f"model version: [bold]{registered['model_name']}[/] v{registered['version']} "
-                  f"(alias {registered['alias']}); promote with `rlhf promote`")
+        ceiling = (f" (noise ceiling {reward['reward/noise_ceiling']:.3f})"
+                   if "reward/noise_ceiling" in reward else "")
+        out.print(f"reward model accuracy {reward['reward/accuracy']:.3f}{ceiling}")
+    ui = _registry_status(Path(root), registered.get("model_name"))
     if summary and summary.get("mlflow_run_url"):
         out.print(f"MLflow run: {summary['mlflow_run_url']}")
     out.print("Where to look:\n"
-              "  MLflow UI:   mlflow ui --backend-store-uri sqlite:///mlflow.db  (http://127.0.0.1:5000)\n"
-              "  Prefect UI:  prefect server start  (http://127.0.0.1:4200)\n"
+              f"  MLflow UI:   {ui}\n"
+              f"  Prefect UI:  {_prefect_ui()}\n"
               f"  metrics:     {metrics}/*.json, plots in {Path(root) / 'plots'}; "
               "dvc metrics show; dvc plots show", highlight=False)
+
+
+def _prefect_ui() -> str:
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        return api.rstrip("/").removesuffix("/api")
+    return "prefect server start  (http://127.0.0.1:4200)"
+
+
+def _registry_status(root: Path, model_name: Optional[str]) -> str:
+    """Print the candidate and the champion from the active tracking store (the one
+    MLFLOW_TRACKING_URI names, else the project's SQLite file); return how to open its UI."""
+    if not (model_name and _tracking_available()):
+        return "pip install mlflow, then mlflow ui"
+    from mlflow import MlflowClient
+
+    from rlhf.mlops import registry
+    from rlhf.mlops.mlflow_tracking import configure, redact_value
+
+    uri = configure(root)
+    shown = redact_value(uri)
+    ui = (shown if uri.startswith(("http://", "https://"))
+          else f"mlflow ui --backend-store-uri {shown}  (http://127.0.0.1:5000)")
+    base = shown.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    try:
+        client = MlflowClient()
+        for alias in (registry.CANDIDATE, registry.CHAMPION):
+            version = registry.alias_version(model_name, alias)
+            if version is None:
+                out.print(f"{alias}: none yet" + ("; promote with `rlhf promote`"
+                                                   if alias == registry.CHAMPION else ""))
+                continue
+            mv = client.get_model_version(model_name, str(version))
+            tags = mv.tags
+            figures = ", ".join(f"{label} {float(tags[key]):.3g}" for key, label in (
+                ("eval.policy.gold_reward", "gold"), ("eval.gold_ratio", "gold ratio"),
+                ("eval.rm_win_rate", "RM win rate"), ("eval.policy.kl", "KL"))
+                if key in tags)
+            run = client.get_run(mv.run_id) if mv.run_id else None
+            link = (f"{base}/#/experiments/{run.info.experiment_id}/runs/{mv.run_id}"
+                    if run else "no run")
+            commit = tags.get("git.commit", "unknown")[:12]
+            out.print(f"{alias}: [bold]{model_name}[/] v{version}: {figures or 'no eval tags'}; "
+                      f"git {commit}; {link}", highlight=False)
+    except Exception as exc:  # the figures above came from files: the store is optional here
+        out.print(f"registry at {shown} not readable ({type(exc).__name__}); "
+                  "the figures above are from metrics/", highlight=False)
+    return ui
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,7 +26,8 @@ def record(root: str | Path, stages: list[str] | None = None) -> bool:
     """`dvc commit` the given stages (all by default). False outside a DVC repo."""
     if not is_dvc_repo(root):
         return False
-    command = ["dvc", "commit", "--force", "--quiet", *(stages or [])]
+    # Not --quiet: it silences the error line too, which the message below needs.
+    command = ["dvc", "commit", "--force", *(stages or [])]
     result = subprocess.run(command, cwd=root, capture_output=True, text=True)
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()

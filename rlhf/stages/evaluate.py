@@ -11,7 +11,8 @@ Where a gold reward exists it is the judgement, never the RM score, which PPO ca
 `eval.max_prompts` caps the number of prompts: a sample seeded by data.seed (the same prompts
 for every run on the same data, so runs stay comparable), kept in file order.
 
-Writes `metrics/eval.json`, `metrics/pass_at_k.csv` and PNG plots in `plots/`.
+Writes `metrics/eval.json`, `metrics/pass_at_k.csv` (its header only without a gold answer)
+and PNG plots in `plots/`.
 """
 
 from __future__ import annotations
@@ -181,8 +182,8 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                                                            params.eval.n_samples))
     if accelerator.is_main_process:
         write_json(paths.metrics_file("eval"), report, sort_keys=False)  # k in numeric order
-        if gold is not None:
-            write_pass_at_k(paths.metrics / "pass_at_k.csv", report)
+        # Written on every task (header only without a gold answer): dvc.yaml declares it.
+        write_pass_at_k(paths.metrics / "pass_at_k.csv", report)
         for plot in make_plots(report, paths):
             logger.log_artifact(plot)
     metrics = flatten(report)
@@ -204,7 +205,7 @@ def flatten(report: dict, prefix: str = "eval") -> dict[str, float]:
 def write_pass_at_k(path: Path, report: dict) -> None:
     lines = ["k,policy,reference"] + [
         f"{k},{report['policy']['pass_at_k'][k]:.6g},{report['reference']['pass_at_k'][k]:.6g}"
-        for k in report["policy"]["pass_at_k"]]
+        for k in report["policy"].get("pass_at_k", {})]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

@@ -1,0 +1,150 @@
+"""Bring your own data, end to end, as a user does: a small conversational preference set and
+a local Llama-architecture model (built here), `rlhf run` in a DVC repository, the completions
+in MLflow, `rlhf promote` deciding on reward-model criteria (no gold reward exists), and the
+champion loaded back from the registry to generate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from rlhf.config import write_overrides
+
+from .conftest import REPO, TINY_OVERRIDES
+from .test_architectures import rows_for, save_tiny_model
+
+pytestmark = pytest.mark.slow
+
+
+def sh(*command: str, cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}:\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict]:
+    """A clone of this repository with the tiny profile, a conversational data file and a
+    local model beside the code; its first `rlhf run` done."""
+    root = tmp_path_factory.mktemp("own-data")
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    write_overrides(root / "params.yaml", TINY_OVERRIDES)
+    (root / "prefs.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in rows_for("conversational")))
+    save_tiny_model("llama", root / "base-llama")
+    env = {**os.environ, "PREFECT_HOME": str(root / ".prefect-home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RLHF_NO_PROGRESS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
+        env.pop(name, None)
+    sh("git", "init", "-q", cwd=root, env=env)
+    (root / ".gitignore").write_text((root / ".gitignore").read_text() + "/.prefect-home/\n")
+    sh("git", "add", "-A", cwd=root, env=env)
+    sh("git", "commit", "-qm", "clone", cwd=root, env=env)
+    result = sh("rlhf", "run", "--set", "data.source=prefs.jsonl",
+                "--set", "model.name_or_path=base-llama", cwd=root, env=env)
+    return root, env, result
+
+
+def gate(root: Path, name: str, *overrides: str) -> Path:
+    """A params file with a promotion gate of its own."""
+    path = root / f"{name}.yaml"
+    shutil.copy(root / "params.yaml", path)
+    write_overrides(path, list(overrides))
+    return path
+
+
+def test_rlhf_run_on_own_data_and_model_registers_and_records(project):
+    root, env, result = project
+    assert "model version: rlhf-policy v1" in result.stdout
+    report = json.loads((root / "metrics/eval.json").read_text())
+    assert "gold_reward" not in report["policy"] and "pass_at_k" not in report["policy"]
+    for key in ("rm_score", "kl", "response_length", "eos_rate"):
+        assert key in report["policy"] and key in report["reference"], key
+    assert 0.0 <= report["rm_win_rate"] <= 1.0
+    # The flow recorded every stage in dvc.lock: nothing left for DVC to do.
+    assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=root, env=env).stdout
+
+
+def test_completions_are_in_mlflow(project):
+    from mlflow import MlflowClient
+
+    root, _, _ = project
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("rlhf")
+    runs = {r.data.tags.get("stage"): r for r in client.search_runs([experiment.experiment_id])}
+    ppo_tables = [a.path for a in client.list_artifacts(runs["ppo"].info.run_id, "tables")]
+    assert any(path.startswith("tables/ppo_completions-step") for path in ppo_tables)
+    eval_tables = [a.path for a in client.list_artifacts(runs["evaluate"].info.run_id, "tables")]
+    assert "tables/eval_completions.json" in eval_tables
+    table = json.loads(Path(client.download_artifacts(
+        runs["evaluate"].info.run_id, "tables/eval_completions.json", str(root))).read_text())
+    assert {"prompt", "policy", "policy_rm_score", "reference"} <= set(table["columns"])
+
+
+def test_promote_decides_on_reward_model_criteria(project):
+    root, env, _ = project
+    strict = gate(root, "strict", "promote.min_rm_win_rate_vs_reference=1.0")
+    refused = sh("rlhf", "promote", "--params", str(strict), cwd=root, env=env, check=False)
+    assert refused.returncode == 1, refused.stderr
+    assert "FAIL  rm_win_rate_vs_reference" in refused.stdout
+    assert "not promoted" in refused.stderr and "Traceback" not in refused.stderr
+
+    lenient = gate(root, "lenient", "promote.min_rm_win_rate_vs_reference=0",
+                   "promote.require_kl_within_budget=false")
+    promoted = sh("rlhf", "promote", "--params", str(lenient), cwd=root, env=env)
+    assert "pass  rm_win_rate_vs_reference" in promoted.stdout
+    assert "promoted version 1 to champion" in promoted.stdout
+
+    # A second run registers version 2; against the champion it is judged by sampling both.
+    sh("rlhf", "run", "--set", "ppo.kl_coef=0.3", cwd=root, env=env)
+    head_to_head = gate(root, "h2h", "promote.min_rm_win_rate_vs_reference=0",
+                        "promote.require_kl_within_budget=false",
+                        "promote.min_rm_win_rate_vs_champion=1.0",
+                        "promote.head_to_head_samples=2")
+    refused = sh("rlhf", "promote", "--params", str(head_to_head), cwd=root, env=env, check=False)
+    assert refused.returncode == 1 and "FAIL  rm_win_rate_vs_champion" in refused.stdout
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db",
+                          registry_uri=f"sqlite:///{root}/mlflow.db")
+    tags = client.get_model_version("rlhf-policy", "2").tags
+    assert tags["promotion.decision"] == "refused"
+    assert "(needs >= 1): FAIL" in tags["promotion.rm_win_rate_vs_champion"]
+    assert str(client.get_model_version_by_alias("rlhf-policy", "champion").version) == "1"
+
+
+def test_champion_loads_and_generates_as_evaluated(project):
+    root, env, _ = project
+    code = ("import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); "
+            "m = mlflow.transformers.load_model('models:/rlhf-policy@champion'); "
+            "g = m.model.generation_config; "
+            "print(g.do_sample, g.top_k, g.temperature, g.max_new_tokens); "
+            "print(type(m('user: 1+2?')[0]['generated_text']).__name__)")
+    result = sh("python", "-c", code, cwd=root, env=env)
+    assert result.stdout.split() == ["True", "0", "1.0", "10", "str"]
+
+
+def test_status_shows_candidate_and_champion_from_the_active_store(project):
+    root, env, _ = project
+    result = sh("rlhf", "status", cwd=root, env=env)
+    text = " ".join(result.stdout.split())
+    assert "candidate: rlhf-policy v2" in text and "champion: rlhf-policy v1" in text
+    assert "RM win rate" in text and "git " in text and "/#/experiments/" in text
+    assert f"--backend-store-uri sqlite:///{root}/mlflow.db" in text
