@@ -56,10 +56,6 @@ from rlhf.paths import Paths
 RESULTS_DIR = ".prefect-results"
 """Where the stage tasks' results (and so the cache) live, under the project root."""
 
-OPTIONAL_OUTPUTS: dict[str, tuple[str, ...]] = {"evaluate": ("metrics/pass_at_k.csv",)}
-"""Outputs in dvc.yaml that may be missing after a run: hashed when present, never required
-for a cache hit (pass@k exists only for tasks with a gold answer)."""
-
 LIBRARIES = ("torch", "transformers", "tokenizers", "accelerate", "safetensors", "numpy")
 """Libraries whose versions are part of every compute stage's cache key."""
 
@@ -88,10 +84,8 @@ def _sha256_tree(root: Path, relpaths: Iterable[str]) -> str:
 
 
 def outputs_exist(root: Path, stage: str) -> bool:
-    """Whether every output dvc.yaml declares for `stage` (optional ones aside) exists."""
-    optional = OPTIONAL_OUTPUTS.get(stage, ())
-    return all((Path(root) / rel).exists() for rel in dag.read(root)[stage].outputs
-               if rel not in optional)
+    """Whether every output dvc.yaml declares for `stage` exists."""
+    return all((Path(root) / rel).exists() for rel in dag.read(root)[stage].outputs)
 
 
 def outputs_hash(root: Path, stage: str) -> str:
