@@ -26,8 +26,9 @@ returns what it returned last time. The cache key of a stage (`stage_cache_key`)
 - for `register`, a hash of the MLflow tracking/registry URIs (a new store needs a new version).
 
 Results (small dicts) are persisted as JSON under `<root>/.prefect-results`, so the cache
-lives with the project and survives across processes (serve, workers). The cache is never
-trusted blindly: if a stage's outputs are missing the task runs with `refresh_cache=True`,
+lives with the project and survives across processes (serve, workers); `RLHF_RESULT_STORAGE`
+moves it to shared storage (`flows/results.py`) that every worker of a team reads. The cache
+is never trusted blindly: if a stage's outputs are missing the task runs with `refresh_cache=True`,
 and if a cached stage's outputs no longer hash to what it recorded (edited or replaced by
 hand) it is run again the same way.
 """
@@ -48,13 +49,12 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact,
 from prefect.runtime import flow_run as current_flow_run
 from prefect.runtime import task_run as current_task_run
 
+from flows.results import RESULTS_DIR, describe, results_location  # noqa: F401 (RESULTS_DIR: API)
 from rlhf.config import Params, load_params, write_overrides
 from rlhf.errors import UserError
 from rlhf.mlops import dag
 from rlhf.paths import Paths
 
-RESULTS_DIR = ".prefect-results"
-"""Where the stage tasks' results (and so the cache) live, under the project root."""
 
 LIBRARIES = ("torch", "transformers", "tokenizers", "accelerate", "safetensors", "numpy")
 """Libraries whose versions are part of every compute stage's cache key."""
@@ -281,7 +281,7 @@ def _run_task(stage: str, params: Params, project: Path, parent_run_id: str,
               inputs: dict[str, str]) -> tuple[dict, str]:
     """Submit one stage task, using the cache only when it is safe; returns (result, state)."""
     logger = get_run_logger()
-    base = STAGE_TASKS[stage].with_options(result_storage=project / RESULTS_DIR)
+    base = STAGE_TASKS[stage].with_options(result_storage=results_location(project))
     kwargs = dict(params=params.model_dump(mode="json"), root=str(project),
                   parent_run_id=parent_run_id, inputs=inputs)
     if outputs_exist(project, stage):
@@ -434,6 +434,10 @@ def rlhf_pipeline(params_file: str = "params.yaml", overrides: Optional[list[str
 
     dvc_recorded = dvc.record(project, ["register"])
     registered = results["register"]["metrics"]
+    # Promotion chained to training: a subflow, its decision a Prefect artifact.
+    promotion = (promote_flow(params_file=params_file, version=registered["version"],
+                              root=root, overrides=list(overrides or []))
+                 if params.promote.auto else None)
     alias = registered.get("alias", "candidate")
     return {
         "eval": headline,
@@ -448,20 +452,21 @@ def rlhf_pipeline(params_file: str = "params.yaml", overrides: Optional[list[str
         "prefect_flow_run_name": flow_run_name,
         "stages": states,
         "dvc_recorded": dvc_recorded,
+        "promotion": promotion,
         "where": {
             "metrics": str(paths.metrics),
             "plots": str(paths.plots),
             "policy": str(paths.policy),
             "mlflow": url,
             "registry": f"models:/{registered['model_name']}@{alias}",
-            "prefect_cache": str(project / RESULTS_DIR),
+            "prefect_cache": describe(results_location(project)),
         },
     }
 
 
 @flow(name="promote")
 def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None,
-                 root: str = ".") -> dict:
+                 root: str = ".", overrides: Optional[list[str]] = None) -> dict:
     """Judge a model version (default: the `candidate`) with the gate in params `promote`;
     move the `champion` alias to it if it passes. Returns the decision as a dict."""
     from mlflow.exceptions import MlflowException
@@ -470,11 +475,11 @@ def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None
     from rlhf.mlops.head_to_head import rm_win_rate
     from rlhf.mlops.mlflow_tracking import configure
 
-    params = load_params(params_file)
+    params = load_params(params_file, overrides or [])
     project = Path(root).resolve()
     configure(project)
     name = params.registry.model_name
-    gate = registry.PromotionGate(**params.promote.model_dump())
+    gate = registry.PromotionGate(**params.promote.model_dump(exclude={"auto"}))
 
     def against_champion(candidate: int, champion: int) -> float:
         get_run_logger().info(f"sampling version {candidate} against champion {champion}")

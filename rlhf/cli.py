@@ -265,6 +265,9 @@ def print_summary(summary: Optional[dict], root: Path) -> None:
         ceiling = (f" (noise ceiling {reward['reward/noise_ceiling']:.3f})"
                    if "reward/noise_ceiling" in reward else "")
         out.print(f"reward model accuracy {reward['reward/accuracy']:.3f}{ceiling}")
+    if registered:
+        out.print(f"model version: [bold]{registered['model_name']}[/] v{registered['version']} "
+                  f"(alias {registered['alias']}) registered by the last run")
     ui = _registry_status(Path(root), registered.get("model_name"))
     if summary and summary.get("mlflow_run_url"):
         out.print(f"MLflow run: {summary['mlflow_run_url']}")

@@ -357,6 +357,8 @@ class RegistryConfig(Section):
 
 
 class PromoteConfig(Section):
+    auto: bool = False
+    """Run the promotion gate (the `promote` flow) right after each pipeline run registers a version."""
     min_rm_win_rate_vs_reference: float = Field(0.5, ge=0, le=1)
     """The candidate must beat its reference (SFT) on at least this share of eval samples, as the reward model judges."""
     min_rm_win_rate_vs_champion: float = Field(0.5, ge=0, le=1)

@@ -428,13 +428,16 @@ def test_cron_schedule_fires_and_the_run_completes(real_server, tmp_path):
         _stop(serve)  # before the server, or serve hangs pausing its deployment
 
 
-@pytest.mark.slow
-def test_prefect_yaml_deploys_to_a_process_worker(real_server, project, first_run, tmp_path):
-    """prefect.yaml as a user would use it, from the project directory."""
+def test_prefect_yaml_deploys_a_git_clone_not_the_deploying_directory(real_server, tmp_path):
+    """prefect.yaml as a user would use it: the pull step clones the repository and branch
+    (RLHF_GIT_REPO / RLHF_GIT_BRANCH) instead of recording this directory. A worker running
+    it against real servers is tested in tests/test_infra.py."""
     _, env, _ = real_server
-    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
-    env.pop("MLFLOW_REGISTRY_URI", None)
+    env = {**env, "RLHF_GIT_REPO": "file:///srv/git/rlhf.git", "RLHF_GIT_BRANCH": "nightly"}
+    project = tmp_path / "checkout"
+    (project / "infra").mkdir(parents=True)
     shutil.copy(REPO / "prefect.yaml", project / "prefect.yaml")
+    shutil.copy(REPO / "infra" / "git-source.sh", project / "infra" / "git-source.sh")
     shutil.copytree(REPO / "flows", project / "flows",
                     ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
 
@@ -452,14 +455,6 @@ def test_prefect_yaml_deploys_to_a_process_worker(real_server, project, first_ru
     assert deployment.work_pool_name == "local"
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
     (step,) = deployment.pull_steps
-    directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
-    assert Path(directory).resolve() == project.resolve()
-
-    prefect_cli("deployment", "run", "rlhf-pipeline/scheduled")
-    # The worker starts elsewhere: the pull step moves the run into the project.
-    prefect_cli("worker", "start", "--pool", "local", "--run-once", cwd=tmp_path, timeout=300)
-    manual = [run for run in _flow_runs(deployment.id) if not run.auto_scheduled]
-    assert len(manual) == 1
-    assert manual[0].state.is_completed(), manual[0].state
-    # A new process computes the same cache keys: every stage is a cache hit.
-    assert task_run_states(str(manual[0].id), len(STAGES)) == {s: "Cached" for s in STAGES}
+    clone = step["prefect.deployments.steps.git_clone"]
+    assert clone["repository"] == "file:///srv/git/rlhf.git" and clone["branch"] == "nightly"
+    assert str(project) not in json.dumps(deployment.pull_steps)

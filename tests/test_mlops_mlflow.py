@@ -221,5 +221,7 @@ def test_configure_follows_the_project_not_the_last_configured_one(tmp_path, mon
     assert first.endswith("a/mlflow.db") and second.endswith("b/mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.team:5000")
     assert mt.configure(tmp_path / "c") == "http://mlflow.team:5000"
+    # Called again in the same process (the flow, then its register task): still the server.
+    assert mt.configure(tmp_path / "c") == "http://mlflow.team:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     mt.configure(tmp_path / "d")  # leave MLflow on a local store for the tests after this one

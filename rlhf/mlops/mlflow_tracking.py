@@ -91,12 +91,14 @@ def tracking_uri(project_root: Path) -> str:
 
 def configure(project_root: Path) -> str:
     """Point MLflow's tracking (and, unless `MLFLOW_REGISTRY_URI` is set, registry) at the store."""
+    users = {name: _user_setting(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     uri = tracking_uri(project_root)
-    registry_uri = _user_setting("MLFLOW_REGISTRY_URI") or uri
+    registry_uri = users["MLFLOW_REGISTRY_URI"] or uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(registry_uri)
     for name, value in (("MLFLOW_TRACKING_URI", uri), ("MLFLOW_REGISTRY_URI", registry_uri)):
-        if os.environ.get(name) == value:
+        # A user's own setting stays theirs, or a second call would fall back to SQLite.
+        if users[name] is None and os.environ.get(name) == value:
             _written_by_configure[name] = value
     return uri
 
