@@ -8,15 +8,17 @@
     prefect deployment run 'rlhf-pipeline/scheduled'
 
 The flow runs the same stage functions as `dvc repro` (`rlhf.stages`), one Prefect task per
-stage: prepare → sft → reward → reference → ppo → evaluate → register.
+stage: prepare → sft → reward → reference → ppo → evaluate → register. Which params each stage
+reads, which stages it waits for and what it writes come from `dvc.yaml` (`rlhf.mlops.dag`),
+written down once for both.
 
 Caching. A stage that has nothing new to do is not run again; its task ends `Cached` and
 returns what it returned last time. The cache key of a stage (`stage_cache_key`) hashes
 
 - the stage's name;
-- the params the stage reads (`STAGE_PARAMS`: at least its `params:` in dvc.yaml);
+- the params the stage reads (its `params:` in dvc.yaml);
 - the content hashes of its inputs: each upstream task returns a sha256 of the files it wrote
-  (`OUTPUTS`), so a stage reruns exactly when an input's *content* changed (an upstream
+  (its outs, metrics and plots in dvc.yaml), so a stage reruns exactly when an input's *content* changed (an upstream
   rerun that rewrites identical bytes leaves everything downstream cached);
 - the source of the `rlhf` package (all its .py files; `rlhf/mlops` and `rlhf/cli.py` only
   for `register`, since the compute stages never import them) and the versions of the
@@ -51,53 +53,11 @@ from prefect.runtime import task_run as current_task_run
 from flows.results import RESULTS_DIR, describe, results_location  # noqa: F401 (RESULTS_DIR: API)
 from rlhf.config import Params, load_params, write_overrides
 from rlhf.errors import UserError
+from rlhf.mlops import dag
 from rlhf.mlops.safe_results import check_record, check_results_dir
 from rlhf.paths import Paths
 from rlhf.redact import REDACTED, redact_override, redact_text, redact_value
 
-STAGES = ("prepare", "sft", "reward", "reference", "ppo", "evaluate", "register")
-
-LORA_PARAMS = ("model.lora", "model.lora_r", "model.lora_alpha", "model.lora_dropout",
-               "model.lora_target_modules", "model.gradient_checkpointing")
-STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    # The base model's tokenizer counts tokens (data.max_length) and renders chat templates.
-    "prepare": ("data", "model.name_or_path", "model.trust_remote_code"),
-    "sft": ("model", "train", "sft"),
-    # The score normalisation samples the SFT policy the way PPO will.
-    "reward": ("model.trust_remote_code", *LORA_PARAMS, "train", "reward", "ppo.max_new_tokens",
-               "ppo.temperature"),
-    "reference": (),
-    "ppo": ("data.source", "model.trust_remote_code", *LORA_PARAMS, "train", "ppo"),
-    # data.seed picks the eval.max_prompts sample.
-    "evaluate": ("data.source", "data.seed", "model.trust_remote_code", "train", "eval"),
-    "register": ("registry",),
-}
-"""The params (sections or section.key) each stage reads; at least what dvc.yaml lists."""
-
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "prepare": (),
-    "sft": ("prepare",),
-    "reward": ("prepare", "sft"),
-    "reference": ("sft",),
-    "ppo": ("prepare", "sft", "reward", "reference"),
-    "evaluate": ("prepare", "ppo", "reference", "reward"),
-    "register": ("ppo", "evaluate"),
-}
-"""The stages whose outputs each stage reads."""
-
-OUTPUTS: dict[str, tuple[str, ...]] = {
-    "prepare": ("data/prepared",),
-    "sft": ("models/base", "models/sft", "metrics/sft.json"),
-    "reward": ("models/reward", "metrics/reward.json"),
-    "reference": ("models/reference",),
-    "ppo": ("models/policy", "metrics/ppo.json", "metrics/ppo_history.csv"),
-    "evaluate": ("metrics/eval.json", "plots"),
-    "register": ("metrics/register.json",),
-}
-"""What each stage writes, relative to the project root; all must exist for a cache hit."""
-
-OPTIONAL_OUTPUTS: dict[str, tuple[str, ...]] = {"evaluate": ("metrics/pass_at_k.csv",)}
-"""Outputs hashed when present (pass@k exists only for tasks with a gold answer)."""
 
 LIBRARIES = ("torch", "transformers", "tokenizers", "accelerate", "safetensors", "numpy")
 """Libraries whose versions are part of every compute stage's cache key."""
@@ -127,12 +87,13 @@ def _sha256_tree(root: Path, relpaths: Iterable[str]) -> str:
 
 
 def outputs_exist(root: Path, stage: str) -> bool:
-    return all((root / rel).exists() for rel in OUTPUTS[stage])
+    """Whether every output dvc.yaml declares for `stage` exists."""
+    return all((Path(root) / rel).exists() for rel in dag.read(root)[stage].outputs)
 
 
 def outputs_hash(root: Path, stage: str) -> str:
     """The content hash of what `stage` wrote under `root`."""
-    return _sha256_tree(Path(root), OUTPUTS[stage] + OPTIONAL_OUTPUTS.get(stage, ()))
+    return _sha256_tree(Path(root), dag.read(root)[stage].outputs)
 
 
 def source_hash(stage: str) -> str:
@@ -160,11 +121,12 @@ def _version(name: str) -> Optional[str]:
         return None
 
 
-def stage_params(params: Params, stage: str) -> dict[str, Any]:
-    """The part of the params that `stage` reads, e.g. {"ppo": {...}, "data.source": "builtin"}."""
+def stage_params(params: Params, keys: Iterable[str]) -> dict[str, Any]:
+    """The part of the params named by `keys` (a stage's `params:` in dvc.yaml), e.g.
+    {"ppo": {...}, "data.source": "builtin"}."""
     dumped = params.model_dump(mode="json")
     picked: dict[str, Any] = {}
-    for key in STAGE_PARAMS[stage]:
+    for key in keys:
         section, _, field = key.partition(".")
         picked[key] = dumped[section][field] if field else dumped[section]
     return picked
@@ -173,8 +135,9 @@ def stage_params(params: Params, stage: str) -> dict[str, Any]:
 def _external_inputs(params: Params, root: Path) -> dict[str, str]:
     """Content hashes of the local files a stage reads that no stage wrote: data sources and
     the base model when they name a local path (relative to the project root). A hub id is
-    keyed by its name only, so a dataset or model changed upstream under the same name does
-    not invalidate the cache: delete the stage's outputs to force a rerun."""
+    keyed by its name and its pinned revision (data.revision, model.revision: stage params),
+    so with no revision pinned, a dataset or model changed upstream under the same name does
+    not invalidate the cache: pin a commit sha, or delete the stage's outputs to rerun."""
     hashes = {}
     for key in ("data.source", "data.sft_source", "data.prompts_source", "model.name_or_path"):
         section, _, field = key.partition(".")
@@ -194,7 +157,7 @@ def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     params = Params.model_validate(parameters["params"])
     blob = {
         "stage": stage,
-        "params": stage_params(params, stage),
+        "params": stage_params(params, dag.read(parameters["root"])[stage].params),
         "inputs": dict(sorted((parameters.get("inputs") or {}).items())),
         "source": source_hash(stage),
         "libraries": {"python": platform.python_version(),
@@ -297,8 +260,7 @@ def _run_stage(stage: str, params: dict, root: str, parent_run_id: Optional[str]
     return {
         "stage": stage,
         "hash": outputs_hash(project, stage),
-        "outputs": [rel for rel in OUTPUTS[stage] + OPTIONAL_OUTPUTS.get(stage, ())
-                    if (project / rel).exists()],
+        "outputs": [rel for rel in dag.read(project)[stage].outputs if (project / rel).exists()],
         "metrics": {key: value for key, value in (metrics or {}).items()
                     if isinstance(value, (int, float, str, bool))},
         "mlflow_run_id": logger.run_id if logger else None,
@@ -365,6 +327,8 @@ def register(params: dict, root: str, parent_run_id: str,
 
 
 STAGE_TASKS = {t.name: t for t in (prepare, sft, reward, reference, ppo, evaluate, register)}
+STAGES = tuple(STAGE_TASKS)
+"""The stages the flow has a task for: exactly dvc.yaml's stages, in its order (tested)."""
 
 
 class _TaskContext:
@@ -502,6 +466,10 @@ def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) ->
     project = Path(root).resolve()
     paths = Paths(project)
     check_results_dir(results_location(project))  # before anything: one line, no work lost
+    declared = dag.read(project)
+    if tuple(declared) != STAGES:
+        raise UserError(f"{dag.dag_file(project)} declares the stages {', '.join(declared)}, "
+                        f"but the flow runs {', '.join(STAGES)}; make them agree")
     flow_run_id, flow_run_name = current_flow_run.id, current_flow_run.name
     for crashed in prefect_runs.end_dead(project):
         logger.warning(f"flow run {crashed} was left Running by a process that is gone: "
@@ -527,14 +495,14 @@ def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) ->
             tracking_uri, store = "", "untracked"
             parent_run = contextlib.nullcontext(_Untracked())
         store_hash = hashlib.sha256(store.encode()).hexdigest()[:16]
-        stages = STAGES if track else tuple(s for s in STAGES if s != "register")
+        to_run = STAGES if track else tuple(s for s in STAGES if s != "register")
 
         results: dict[str, dict] = {}
         states: dict[str, str] = {}
         url = None
         with parent_run as parent:
-            for stage in stages:
-                inputs = {up: results[up]["hash"] for up in UPSTREAM[stage]}
+            for stage in to_run:
+                inputs = {up: results[up]["hash"] for up in declared[stage].upstream}
                 inputs.update(_external_inputs(params, project)
                               if stage in ("prepare", "sft") else {})
                 if stage == "register":
@@ -571,7 +539,7 @@ def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) ->
             parent.log_metrics({f"eval/{k}": float(v) for k, v in headline.items()})
             if track:
                 parent.set_tags({
-                    "stages.cached": ",".join(s for s in stages if states[s] == "Cached"),
+                    "stages.cached": ",".join(s for s in to_run if states[s] == "Cached"),
                     "registry.version": results["register"]["metrics"]["version"],
                     **dvc.artifact_hashes(project)})
     finally:

@@ -73,6 +73,8 @@ class DataConfig(Section):
     """Fraction of the training prompts held out for evaluation when data.eval_split is null."""
     subset: Optional[str] = Field(None, min_length=1)
     """Hub dataset configuration (subset) name; null for its default."""
+    revision: Optional[str] = Field(None, min_length=1)
+    """Git revision (branch, tag or commit sha) of the data.source hub dataset; null is the hub's default branch. Pin a commit sha to reproduce a run."""
     sft_source: Optional[str] = Field(None, min_length=1)
     """Separate SFT data (prompt/completion or messages); null uses prompt + chosen of the training pairs."""
     prompts_source: Optional[str] = Field(None, min_length=1)
@@ -117,7 +119,7 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _external_only(self) -> "DataConfig":
         if self.source == "builtin":
-            for key in ("eval_split", "subset", "sft_source", "prompts_source"):
+            for key in ("eval_split", "subset", "revision", "sft_source", "prompts_source"):
                 if getattr(self, key) is not None:
                     raise ValueError(
                         f"data.{key} applies to external data only; with data.source=builtin "
@@ -134,6 +136,8 @@ class DataConfig(Section):
 class ModelConfig(Section):
     name_or_path: str = "builtin"
     """Base causal LM: `builtin` (a tiny GPT-2 built locally) or a Hugging Face id or path."""
+    revision: Optional[str] = Field(None, min_length=1)
+    """Git revision (branch, tag or commit sha) of a hub model.name_or_path; null is the hub's default branch. Pin a commit sha to reproduce a run."""
     trust_remote_code: bool = False
     """Allow a model's own Python code to run when it is loaded. Off unless you trust it."""
     n_layer: int = Field(4, ge=1)
@@ -169,6 +173,14 @@ class ModelConfig(Section):
             f"model.lora_target_modules ({value!r}) must be a list of module names, "
             "`all-linear`, or null for peft's default for the architecture"
         )
+
+    @model_validator(mode="after")
+    def _revision_of_a_hub_model(self) -> "ModelConfig":
+        if self.name_or_path == "builtin" and self.revision is not None:
+            raise ValueError(
+                f"model.revision ({self.revision!r}) pins a hub model; with "
+                "model.name_or_path=builtin set it to null, or point model.name_or_path at one")
+        return self
 
     @model_validator(mode="after")
     def _target_modules(self) -> "ModelConfig":

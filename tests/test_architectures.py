@@ -259,7 +259,7 @@ def test_pipeline_on_each_architecture(tmp_path, model_dirs, data_files, arch, u
     # Every stage wrote plain models, whatever was trained.
     for directory in (paths.sft, paths.policy):
         assert_plain_hf_model(directory, arch)
-    assert (paths.reward / "score_head.safetensors").exists()
+    assert len(json.loads((paths.reward / "config.json").read_text())["id2label"]) == 1
     assert not list(paths.reward.glob("adapter_*"))
     base, sft, policy = weights(model_dirs[arch]), weights(paths.sft), weights(paths.policy)
     targets = ARCHITECTURES[arch]["lora_targets"]
@@ -267,10 +267,12 @@ def test_pipeline_on_each_architecture(tmp_path, model_dirs, data_files, arch, u
         # Adapters were merged into exactly the modules peft adapts for this architecture.
         assert only_lora_targets(changed_tensors(base, sft), targets)
         assert only_lora_targets(changed_tensors(sft, policy), targets)
-        reward_trunk = weights(paths.reward)
-        sft_trunk = {k.split(".", 1)[1]: v for k, v in sft.items() if "." in k
-                     and k.split(".", 1)[1] in reward_trunk}
-        assert sft_trunk.keys() == reward_trunk.keys()
+        # The reward model's trunk keys carry the same prefix as the causal LM's; its
+        # embedding may have grown by an added pad token's row (cut off here).
+        reward_trunk = {k: v[:sft[k].shape[0]] for k, v in weights(paths.reward).items()
+                        if k != "score.weight"}
+        assert reward_trunk.keys() <= sft.keys()
+        sft_trunk = {k: sft[k] for k in reward_trunk}
         assert only_lora_targets(changed_tensors(sft_trunk, reward_trunk), targets)
     else:
         assert not only_lora_targets(changed_tensors(base, sft), targets)  # all weights trained
@@ -397,6 +399,94 @@ def test_weights_load_in_float32_whatever_they_were_saved_in(tmp_path, model_dir
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     assert load_causal_lm(tmp_path).dtype == torch.float32
     assert ScalarHeadModel.from_causal_lm(tmp_path).trunk.dtype == torch.float32
+
+
+# --- the reward model as a standard Hugging Face checkpoint -------------------------------
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_reward_model_loads_as_a_standard_seq_cls_model(tmp_path, model_dirs, arch):
+    """`AutoModelForSequenceClassification.from_pretrained(models/reward)` with the tokenizer
+    saved beside it scores prompt + response + EOS like our ScalarHeadModel, up to the bias in
+    its config, padded right (the default) or left (with position ids); `ScalarHeadModel.load`
+    reads it back. GPT-2's and Llama's tokenizers pad with EOS and get a pad token of their
+    own (HF's seq-cls models find the last token that is not the pad id); Qwen2's has one."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf.data.tokenize import collate_sequences, encode_response
+    from rlhf.models.loading import ScalarHeadModel, load_tokenizer, position_ids_from
+
+    tokenizer = load_tokenizer(model_dirs[arch])
+    torch.manual_seed(0)
+    model = ScalarHeadModel.from_causal_lm(model_dirs[arch]).eval()
+    with torch.no_grad():
+        model.head.bias.fill_(-0.3)
+    model.score_std = 1.7
+    model.save(tmp_path / "rm", tokenizer)
+    assert not (tmp_path / "rm" / "score_head.safetensors").exists()
+    assert tokenizer.padding_side == "left"  # the caller's tokenizer is untouched
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    hf_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    config = hf_model.config
+    assert config.architectures[0].endswith("ForSequenceClassification")
+    assert config.num_labels == 1 and config.rlhf_score_bias == pytest.approx(-0.3)
+    assert config.rlhf_score_std == 1.7
+    assert config.pad_token_id == hf_tokenizer.pad_token_id != hf_tokenizer.eos_token_id
+    assert hf_tokenizer.padding_side == "right"
+    if arch == "qwen2":
+        assert hf_tokenizer.pad_token == "<|endoftext|>"  # its own pad token is kept
+
+    pairs = [("3+4=", " 7"), ("\n\nHuman: 1+2?\n\nAssistant:", " 3"), ("0+0=", " 0 1"),
+             ("add 2 and 5", " 7")]
+    with torch.no_grad():
+        ours = model.score(*collate_sequences(
+            [encode_response(tokenizer, p, r) for p, r in pairs], tokenizer.pad_token_id, "left"))
+        batch = hf_tokenizer([p + r + hf_tokenizer.eos_token for p, r in pairs], padding=True,
+                             add_special_tokens=False, return_tensors="pt")
+        assert (batch["attention_mask"] == 0).any()  # some rows really are padded
+        right = hf_model(**batch).logits[:, 0]
+        ids, mask = collate_sequences([encode_response(hf_tokenizer, p, r) for p, r in pairs],
+                                      hf_tokenizer.pad_token_id, "left")
+        left = hf_model(input_ids=ids, attention_mask=mask,
+                        position_ids=position_ids_from(mask)).logits[:, 0]
+        loaded = ScalarHeadModel.load(tmp_path / "rm").eval()
+        reloaded = loaded.score(*collate_sequences(
+            [encode_response(tokenizer, p, r) for p, r in pairs], tokenizer.pad_token_id, "left"))
+    torch.testing.assert_close(right + config.rlhf_score_bias, ours, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(left + config.rlhf_score_bias, ours, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reloaded, ours, atol=1e-6, rtol=1e-6)
+    assert loaded.score_std == 1.7
+
+
+# --- pinned hub revisions ----------------------------------------------------------------
+
+def test_revisions_reach_the_manifest_cache_keys_and_lineage(tmp_path, model_dirs, data_files):
+    """model.revision / data.revision pin hub models and datasets (a local folder ignores a
+    model revision; a local data file with one is a one-line error). They are recorded in the
+    manifest and the model version's lineage tags, and the prepare and sft stages' dvc.yaml
+    params (so the flow's cache keys) cover them."""
+    from rlhf.data import sources
+    from rlhf.errors import DataError
+    from rlhf.mlops import dag
+    from rlhf.mlops.register import lineage_tags
+
+    params = load_params(REPO / "params.yaml", TINY_OVERRIDES + [
+        f"data.source={data_files['explicit']}", f"model.name_or_path={model_dirs['gpt2']}",
+        "model.revision=v1.0"])
+    paths = Paths(tmp_path)
+    stages.get("prepare")(params, paths)
+    manifest = json.loads((paths.prepared / "manifest.json").read_text())
+    assert manifest["tokenizer_revision"] == "v1.0" and manifest["revision"] is None
+    assert lineage_tags(params, paths)["model.revision"] == "v1.0"
+    assert "data.revision" not in lineage_tags(params, paths)
+
+    with pytest.raises(DataError, match=r"data.revision \('abc'\) pins a hub dataset, but "
+                                        r"data.source is the local path .*set data.revision to null$"):
+        sources.load(str(data_files["explicit"]), "train", None, tmp_path, revision="abc")
+
+    declared = dag.read(REPO)
+    assert {"data", "model.revision"} <= set(declared["prepare"].params)
+    assert "model" in declared["sft"].params
 
 
 # --- padding invariance of scores and log-probs ------------------------------------------

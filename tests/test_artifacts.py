@@ -59,8 +59,8 @@ def test_the_hashes_cover_config_tokenizer_and_weights(trained_upstream):
         assert record not in files
     assert "generation_config.json" in json.loads(
         (paths.reference / "reference.json").read_text())["files"]
-    assert {"score_head.safetensors", "score_head.json"} <= set(
-        json.loads((paths.reward / "reward.json").read_text())["files"])
+    # The reward model's score normalisation lives in its config.json (rlhf_score_bias).
+    assert "rlhf_score_bias" in json.loads((paths.reward / "config.json").read_text())
     assert reference_stage.verify(paths.reference) == json.loads(
         (paths.reference / "reference.json").read_text())["sha256"]
     assert len(reward_stage.verify(paths.reward)) == 64
@@ -91,7 +91,7 @@ def test_an_added_or_removed_reference_file_is_refused(upstream_copy):
 
 @pytest.mark.parametrize("name, change", [
     ("config.json", {"layer_norm_epsilon": 0.1}),
-    ("score_head.json", {"score_std": 3.0}),
+    ("config.json", {"rlhf_score_bias": 3.0}),  # the score normalisation
 ])
 def test_ppo_and_evaluate_refuse_an_edited_reward_model(upstream_copy, params, name, change):
     edit_json(upstream_copy / "models/reward" / name, **change)
@@ -125,7 +125,7 @@ def test_a_corrupt_json_file_is_one_line_naming_file_and_stage(upstream_copy, na
 def test_corrupt_reward_and_policy_weights_name_their_stage(upstream_copy, params):
     import shutil
 
-    head = upstream_copy / "models/reward/score_head.safetensors"
+    head = upstream_copy / "models/reward/model.safetensors"
     blob = bytearray(head.read_bytes())
     blob[0:8] = (10**9).to_bytes(8, "little")  # a header length past the end of the file
     head.write_bytes(bytes(blob))

@@ -36,6 +36,9 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     ("data.min_digits=9", "data.min_digits (9) must be <= data.max_digits (7)"),
     ("ppo.batch_size=63", "divisible"),
     ("nosuchsection.x=1", "unknown key 'nosuchsection'"),
+    ("model.revision=v1.0", "model.revision ('v1.0') pins a hub model; with "
+                            "model.name_or_path=builtin set it to null"),
+    ("data.revision=main", "data.revision applies to external data only"),
     ("novalue", "section.key=value"),
 ])
 def test_bad_params_name_key_value_and_fix(override, expected):

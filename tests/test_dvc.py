@@ -143,3 +143,25 @@ def test_dvc_repro_killed_in_ppo_resumes_from_its_checkpoint(after_run):
     final = ckpt.read_state(ckpt.checkpoint_dirs(root / "checkpoints" / "ppo")[-1])
     assert final["complete"] and final["step"] == 6 and final["resumed_from"] is not None
     assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=root, env=env).stdout
+
+
+def test_exp_run_temp_keeps_its_runs_in_the_projects_mlflow_store(after_run):
+    """`dvc exp run --temp` (and `--queue`) runs the stages in a copy under .dvc/tmp/exps that
+    DVC deletes afterwards; the experiment's runs and model version land in the project's
+    own mlflow.db all the same."""
+    from mlflow import MlflowClient
+
+    root, env, _ = after_run
+    store = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    before = {v.version for v in client.search_model_versions("name='rlhf-policy'")}
+    sh("dvc", "exp", "run", "--temp", "-S", "ppo.kl_coef=0.25", cwd=root, env=env)
+    versions = {v.version: v for v in client.search_model_versions("name='rlhf-policy'")}
+    new = set(versions) - before
+    assert len(new) == 1, (before, set(versions))
+    client.get_run(versions[new.pop()].run_id)  # the version's run is in this store too
+    experiment = client.get_experiment_by_name("rlhf")
+    ppo_runs = client.search_runs([experiment.experiment_id],
+                                  filter_string="params.`ppo.kl_coef` = '0.25'")
+    assert {run.info.run_name for run in ppo_runs} >= {"stage-ppo", "stage-evaluate"}
+    assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))

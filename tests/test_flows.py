@@ -33,9 +33,11 @@ from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from flows.pipeline import (OPTIONAL_OUTPUTS, OUTPUTS, RESULTS_DIR, STAGE_PARAMS,  # noqa: E402
-                            STAGES, UPSTREAM, promote_flow, rlhf_pipeline)
-from rlhf.errors import ParamsError  # noqa: E402
+from flows.pipeline import RESULTS_DIR, STAGES, promote_flow, rlhf_pipeline  # noqa: E402
+from rlhf import stages as stage_functions  # noqa: E402
+from rlhf.config import Params  # noqa: E402
+from rlhf.errors import ParamsError, UserError  # noqa: E402
+from rlhf.mlops import dag  # noqa: E402
 
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 UPSTREAM_STAGES = ("prepare", "sft", "reward", "reference")
@@ -82,7 +84,7 @@ def run_flow(root: Path, overrides: list[str] | None = None) -> dict:
 def output_mtimes(root: Path, stages) -> dict[str, int]:
     mtimes = {}
     for stage in stages:
-        for rel in OUTPUTS[stage] + OPTIONAL_OUTPUTS.get(stage, ()):
+        for rel in dag.read(REPO)[stage].outputs:
             base = root / rel
             for path in [base, *base.rglob("*")] if base.is_dir() else [base]:
                 mtimes[str(path.relative_to(root))] = path.stat().st_mtime_ns
@@ -249,25 +251,61 @@ def test_params_error_fails_before_any_task(project):
     assert task_run_states(str(state.state_details.flow_run_id), 0, timeout=0) == {}
 
 
-def test_stage_params_cover_dvc_yaml():
-    """The flow's cache keys cover every param, dependency and output dvc.yaml declares."""
-    dvc_stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert set(dvc_stages) == set(STAGES)
-    produced_by = {}
-    for stage, spec in dvc_stages.items():
-        # Persisted outs are resumable checkpoints, not results the cache checks.
-        outs = [next(iter(o)) if isinstance(o, dict) else o
-                for kind in ("outs", "metrics", "plots") for o in spec.get(kind, [])
-                if not (isinstance(o, dict) and next(iter(o.values())).get("persist"))]
-        assert set(outs) == set(OUTPUTS[stage] + OPTIONAL_OUTPUTS.get(stage, ())), stage
-        produced_by.update({out: stage for out in outs})
-    for stage, spec in dvc_stages.items():
-        declared = set(STAGE_PARAMS[stage])
-        for param in spec.get("params", []):
-            section = param.split(".")[0]
-            assert param in declared or section in declared, (stage, param)
-        upstream = {produced_by[dep] for dep in spec.get("deps", []) if dep in produced_by}
-        assert upstream == set(UPSTREAM[stage]), stage
+def test_the_flow_runs_the_dag_dvc_yaml_declares():
+    """dvc.yaml is the one declaration of the DAG: the flow has a task for each of its stages
+    (in its order, each after its upstream), each stage's params name real params, and each
+    dep is either code in the repository or an output of a stage before it."""
+    declared = dag.read(REPO)
+    assert dag.dag_file(REPO) == REPO / "dvc.yaml"
+    assert tuple(declared) == STAGES == (*stage_functions.ORDER, "register")
+    sections = Params.model_fields
+    for stage in declared.values():
+        for key in stage.params:
+            section, _, field = key.partition(".")
+            assert section in sections, (stage.name, key)
+            assert not field or field in sections[section].annotation.model_fields, (stage.name, key)
+        produced = {out: up for up in stage.upstream for out in declared[up].outputs}
+        for dep in stage.deps:
+            assert (REPO / dep).exists() or any(dag._covers(out, dep) for out in produced), dep
+    # The edges and outputs the flow reads, spot-checked against what the stages really do.
+    assert declared["ppo"].upstream == ("prepare", "sft", "reward", "reference")
+    assert declared["register"].upstream == ("ppo", "evaluate")
+    assert "checkpoints/ppo" not in declared["ppo"].outputs  # persist: resumable, not a product
+    assert "metrics/ppo.json" in declared["ppo"].outputs  # a cache: false metric is one
+
+
+def test_dag_parsing_rules():
+    stages = dag.parse(yaml.safe_load("""
+stages:
+  a:
+    cmd: x
+    params: [data, model.seed]
+    outs: [out/a, {checkpoints/a: {persist: true}}]
+    metrics: [{m/a.json: {cache: false}}]
+  b:
+    cmd: y
+    deps: [code.py, out/a/file.txt, m/a.json]
+    plots: [{p: {cache: false}}]
+"""))
+    assert stages["a"].params == ("data", "model.seed")
+    assert stages["a"].outputs == ("out/a", "m/a.json")
+    assert stages["b"].upstream == ("a",) and stages["b"].outputs == ("p",)
+    with pytest.raises(UserError, match="'b' reads outputs of \\['c'\\], which come after it"):
+        dag.parse({"stages": {"b": {"deps": ["x"]}, "c": {"outs": ["x"]}}})
+
+
+def test_a_dvc_yaml_that_disagrees_with_the_flow_stops_it(tmp_path, prefect_harness):
+    """A project whose dvc.yaml declares other stages fails before any task runs."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    document = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    del document["stages"]["register"]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    state = rlhf_pipeline(params_file=str(tmp_path / "params.yaml"), root=str(tmp_path),
+                          return_state=True)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, UserError) and "make them agree" in str(error), error
+    assert task_run_states(str(state.state_details.flow_run_id), 0, timeout=0) == {}
 
 
 # ---------------------------------------------------------------------------------------------

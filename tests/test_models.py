@@ -1,5 +1,7 @@
 """The builtin model and tokenizer, and the scalar head's padding invariance."""
 
+import json
+
 import torch
 
 from rlhf.config import ModelConfig
@@ -54,7 +56,7 @@ def test_reward_score_does_not_depend_on_padding(tmp_path):
     torch.testing.assert_close(wide, alone, atol=1e-5, rtol=1e-5)
 
 
-def test_scalar_head_round_trips_through_safetensors(tmp_path):
+def test_scalar_head_round_trips_as_a_seq_cls_checkpoint(tmp_path):
     path = _tiny(tmp_path)
     model = ScalarHeadModel.from_causal_lm(path).eval()
     with torch.no_grad():
@@ -67,3 +69,5 @@ def test_scalar_head_round_trips_through_safetensors(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, mask), model(ids, mask))
     assert loaded.score_std == 2.5
+    assert json.loads((tmp_path / "rm" / "config.json").read_text())["rlhf_score_bias"] == (
+        model.head.bias.item())

@@ -148,3 +148,17 @@ def test_status_shows_candidate_and_champion_from_the_active_store(project):
     assert "candidate: rlhf-policy v2" in text and "champion: rlhf-policy v1" in text
     assert "RM win rate" in text and "git " in text and "/#/experiments/" in text
     assert f"--backend-store-uri sqlite:///{root}/mlflow.db" in text
+
+
+def test_reward_model_is_registered_and_the_policy_names_its_version(project):
+    root, env, _ = project
+    code = ("import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); "
+            "c = mlflow.MlflowClient(); "
+            "tags = c.get_model_version('rlhf-policy', '1').tags; "
+            "print(tags['reward_model.name'], tags['reward_model.version']); "
+            "rm = mlflow.transformers.load_model('models:/rlhf-policy-reward/' "
+            "+ tags['reward_model.version'], return_type='components')['model']; "
+            "print(type(rm).__name__, rm.config.num_labels, rm.config.pad_token_id is not None)")
+    lines = sh("python", "-c", code, cwd=root, env=env).stdout.split("\n")
+    assert lines[0] == "rlhf-policy-reward 1"
+    assert lines[1] == "LlamaForSequenceClassification 1 True"

@@ -66,8 +66,8 @@ def test_reward_model_beats_chance_and_is_normalised(pipeline):
     assert metrics["reward/accuracy"] > 0.5
     assert metrics["reward/accuracy_gold"] > 0.55
     assert metrics["reward/noise_ceiling"] > metrics["reward/accuracy"] - 0.05
-    assert (paths.reward / "score_head.safetensors").exists()
-    assert json.loads((paths.reward / "score_head.json").read_text())["score_std"] > 0
+    config = json.loads((paths.reward / "config.json").read_text())
+    assert len(config["id2label"]) == 1 and config["rlhf_score_std"] > 0  # num_labels=1
     assert json.loads(paths.metrics_file("reward").read_text()) == metrics
 
 

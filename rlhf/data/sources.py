@@ -72,14 +72,20 @@ def resolve_local(source: str, root: Path) -> Optional[Path]:
 
 def load(source: str, split: str, subset: Optional[str], root: Path,
          max_rows: Optional[int] = None, key: str = "data.source",
-         whole_file_split: bool = True) -> Loaded:
-    """Rows of `split` of `source`: a local file or folder, else a hub dataset.
+         whole_file_split: bool = True, revision: Optional[str] = None) -> Loaded:
+    """Rows of `split` of `source`: a local file or folder, else a hub dataset (at `revision`,
+    a branch, tag or commit sha; None for its default branch).
 
     `whole_file_split`: a single local file holds this split (the training split does);
     a held-out split cannot come from a single file."""
     local = resolve_local(source, root)
     if local is None:
-        return load_hub(source, subset, split, max_rows, key)
+        return load_hub(source, subset, split, max_rows, key, revision)
+    if revision is not None:
+        raise DataError(
+            f"data.revision ({revision!r}) pins a hub dataset, but {key} is the local path "
+            f"{local} (its content hash is recorded instead); set data.revision to null"
+        )
     if subset is not None:
         raise DataError(
             f"data.subset ({subset!r}) names a hub dataset configuration, but {key} is the "
@@ -261,17 +267,19 @@ def read_csv(path: Path) -> Iterator[RawRow]:
 
 
 def load_hub(source: str, subset: Optional[str], split: str, max_rows: Optional[int] = None,
-             key: str = "data.source") -> Loaded:
-    """Rows of a dataset through `datasets.load_dataset(source, subset, split=split)`."""
+             key: str = "data.source", revision: Optional[str] = None) -> Loaded:
+    """Rows of a dataset through `datasets.load_dataset(source, subset, split=split,
+    revision=revision)`."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source, subset, split=split)
+        dataset = datasets.load_dataset(source, subset, split=split, revision=revision)
     except Exception as exc:  # network, unknown id/config/split: all one fix for the user
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
             f"{key} {source!r} is not a local path and the hub could not load it "
-            f"(subset {subset!r}, split {split!r}: {detail}); check the path, the dataset id, "
+            f"(subset {subset!r}, split {split!r}, revision {revision!r}: {detail}); check the "
+            "path, the dataset id, data.revision, "
             "data.subset and the split"
         ) from None
     truncated = max_rows is not None and len(dataset) > max_rows
@@ -280,6 +288,6 @@ def load_hub(source: str, subset: Optional[str], split: str, max_rows: Optional[
     description = source + (f" ({subset})" if subset else "") + f" split {split}"
     rows = [RawRow(description, number, dict(value))
             for number, value in enumerate(dataset, start=1)]
-    inputs = [{"dataset": source, "subset": subset, "split": split,
+    inputs = [{"dataset": source, "subset": subset, "split": split, "revision": revision,
                "fingerprint": getattr(dataset, "_fingerprint", None)}]
     return Loaded(rows, description, inputs, truncated)

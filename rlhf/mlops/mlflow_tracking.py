@@ -44,10 +44,32 @@ def _user_setting(name: str) -> str | None:
     return None if not value or value == _written_by_configure.get(name) else value
 
 
+def store_root(project_root: Path) -> Path:
+    """Where the default SQLite store lives: the project root, except in the copy of the
+    repository that `dvc exp run --temp` or `--queue` runs in (under <repo>/.dvc/tmp/exps/,
+    deleted afterwards): there, the same place in the repository the experiment came from,
+    which DVC names in DVC_ROOT, so the experiment's runs and model versions are kept."""
+    project = Path(project_root).resolve()
+    origin = os.environ.get("DVC_ROOT")
+    if not origin:
+        return project
+    origin_root = Path(origin).resolve()
+    temp_area = origin_root / ".dvc" / "tmp"
+    if not project.is_relative_to(temp_area):  # a workspace run: DVC_ROOT is this repository
+        return project
+    for copy_root in (project, *project.parents):  # the temporary copy's own .dvc
+        if copy_root == temp_area:
+            break
+        if (copy_root / ".dvc").is_dir():
+            return origin_root / project.relative_to(copy_root)
+    return project
+
+
 def tracking_uri(project_root: Path) -> str:
-    """`MLFLOW_TRACKING_URI` if the user set it, else a SQLite store `mlflow.db` in the root."""
+    """`MLFLOW_TRACKING_URI` if the user set it, else a SQLite store `mlflow.db` in the
+    project (`store_root`)."""
     return (_user_setting("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{Path(project_root).resolve() / 'mlflow.db'}")
+            or f"sqlite:///{store_root(project_root) / 'mlflow.db'}")
 
 
 def configure(project_root: Path) -> str:

@@ -82,32 +82,69 @@ def register_policy(
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     if sampling is not None:
         model.generation_config = evaluated_generation_config(model, tokenizer, sampling)
-    client = MlflowClient()
+    signature = None
+    if input_example is not None:
+        from mlflow.models import infer_signature
 
-    active = mlflow.active_run()
-    if run_id is None and active is None:
-        with mlflow.start_run(run_name=f"register-{registered_name}") as run:
-            info = _log_policy(model, tokenizer, registered_name, run.info.run_id, None,
-                               input_example)
-    else:
-        run_id = run_id or active.info.run_id
-        model_id = None
-        if active is None or active.info.run_id != run_id:
-            # Not this thread's active run (e.g. a parent run opened in another thread): MLflow
-            # would file the LoggedModel under the default experiment, so create it in the run's.
-            model_id = mlflow.initialize_logged_model(
-                name="policy",
-                source_run_id=run_id,
-                experiment_id=client.get_run(run_id).info.experiment_id,
-            ).model_id
-        info = _log_policy(model, tokenizer, registered_name, run_id, model_id, input_example)
-
+        # Declared rather than inferred: inference would generate from the example.
+        signature = infer_signature(input_example, "generated text")
+    info = _log_transformers({"model": model, "tokenizer": tokenizer}, "policy",
+                             "text-generation", registered_name, run_id,
+                             input_example=input_example, signature=signature)
     version = str(info.registered_model_version)
+    client = MlflowClient()
     tags = {**flatten_metrics(eval_metrics), **redact(lineage_tags)}
     for key, value in tags.items():
         client.set_model_version_tag(registered_name, version, key, value)
     client.set_registered_model_alias(registered_name, CANDIDATE, version)
     return int(version)
+
+
+def register_reward_model(model_dir: Path, registered_name: str, sha256: str,
+                          lineage_tags: Mapping[str, Any], run_id: str | None = None) -> int:
+    """Log the reward model (a standard AutoModelForSequenceClassification, num_labels=1) as a
+    version of `registered_name`, unless a version with the same `reward.sha256` exists: a
+    cached reward stage keeps its version. Returns the version number."""
+    client = MlflowClient()
+    try:
+        same = client.search_model_versions(
+            f"name = '{registered_name}' and tags.`reward.sha256` = '{sha256}'")
+    except MlflowException:  # a store without tag search: register again
+        same = []
+    if same:
+        return int(same[0].version)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, use_safetensors=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    info = _log_transformers({"model": model, "tokenizer": tokenizer}, "reward_model",
+                             "text-classification", registered_name, run_id)
+    version = str(info.registered_model_version)
+    for key, value in {**redact(lineage_tags), "reward.sha256": sha256}.items():
+        client.set_model_version_tag(registered_name, version, key, value)
+    return int(version)
+
+
+def _log_transformers(components: dict, name: str, task: str, registered_name: str,
+                      run_id: str | None, input_example=None, signature=None):
+    """Log transformers components under `run_id`, else this thread's active run, else a new
+    run, registering them as a new version of `registered_name`."""
+    active = mlflow.active_run()
+    if run_id is None and active is None:
+        with mlflow.start_run(run_name=f"register-{registered_name}") as run:
+            return _log_model(components, name, task, registered_name, run.info.run_id, None,
+                              input_example, signature)
+    run_id = run_id or active.info.run_id
+    model_id = None
+    if active is None or active.info.run_id != run_id:
+        # Not this thread's active run (e.g. a parent run opened in another thread): MLflow
+        # would file the LoggedModel under the default experiment, so create it in the run's.
+        model_id = mlflow.initialize_logged_model(
+            name=name, source_run_id=run_id,
+            experiment_id=MlflowClient().get_run(run_id).info.experiment_id).model_id
+    return _log_model(components, name, task, registered_name, run_id, model_id, input_example,
+                      signature)
 
 
 def evaluated_generation_config(model, tokenizer, sampling: Mapping[str, Any]):
@@ -121,18 +158,12 @@ def evaluated_generation_config(model, tokenizer, sampling: Mapping[str, Any]):
         pad_token_id=tokenizer.pad_token_id, bos_token_id=model.config.bos_token_id)
 
 
-def _log_policy(model, tokenizer, registered_name: str, run_id: str, model_id: str | None,
-                input_example: str | None = None):
-    signature = None
-    if input_example is not None:
-        from mlflow.models import infer_signature
-
-        # Declared rather than inferred: inference would generate from the example.
-        signature = infer_signature(input_example, "generated text")
+def _log_model(components: dict, name: str, task: str, registered_name: str, run_id: str,
+               model_id: str | None, input_example=None, signature=None):
     return mlflow.transformers.log_model(
-        {"model": model, "tokenizer": tokenizer},
-        name="policy",
-        task="text-generation",
+        components,
+        name=name,
+        task=task,
         input_example=input_example,
         signature=signature,
         pip_requirements=pip_requirements(),

@@ -17,7 +17,8 @@ def resolve_base_model(cfg: ModelConfig, paths: Paths) -> str:
     (`source.json`), so the sft stage's declared output exists whatever the model (dvc.yaml)."""
     if cfg.name_or_path != "builtin":
         with atomic_dir(paths.base_model) as out:
-            write_json(out / "source.json", {"name_or_path": cfg.name_or_path})
+            write_json(out / "source.json", {"name_or_path": cfg.name_or_path,
+                                             "revision": cfg.revision})
         return cfg.name_or_path
     with atomic_dir(paths.base_model) as out:
         save_builtin(cfg, ALPHABET, out)

@@ -6,6 +6,10 @@ says otherwise) and loads weights from safetensors only (`use_safetensors=True`:
 `.bin` checkpoint can run code when it is loaded). Weights load in float32 whatever dtype they
 were saved in (train.precision autocasts on top of fp32 master weights).
 
+The reward model is saved as a standard `AutoModelForSequenceClassification` checkpoint
+(`ScalarHeadModel.save`), so anyone loads it with transformers; see `ScalarHeadModel` for the
+two config fields (`rlhf_score_bias`, `rlhf_score_std`) that carry its score normalisation.
+
 Padding: sequences are padded by the collate functions, never by the tokenizer, so the side is
 explicit at each call: generation left-pads queries (`rlhf.generation`), training batches are
 right-padded, rollouts are left-padded queries followed by right-padded responses. Every forward
@@ -15,6 +19,7 @@ the first real token, so a sequence scores the same whatever padding surrounds i
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import warnings
@@ -23,9 +28,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, PreTrainedTokenizerBase)
 from transformers.utils import logging as hf_logging
 
 from rlhf.errors import UserError
@@ -33,16 +38,27 @@ from rlhf.errors import UserError
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
 
-HEAD_FILE = "score_head.safetensors"
-HEAD_META = "score_head.json"
+OLD_HEAD_FILE = "score_head.safetensors"
+"""The head file of reward models saved before they were standard seq-cls checkpoints."""
+PAD_TOKEN = "<|pad|>"
+"""The pad token added to a reward model's tokenizer that pads with EOS (see `scoring_tokenizer`)."""
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def _revision(revision: str | None) -> dict:
+    """`{"revision": ...}` for a pinned hub revision, else nothing (the hub's default branch)."""
+    return {"revision": revision} if revision else {}
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False,
+                   revision: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer, left-padding (for generation) and with a pad token the model can embed
     (its EOS token when it has none, or when its own is outside the model's vocabulary: masks
-    come from lengths and the first EOS, never from pad ids, so any in-vocabulary id pads)."""
+    come from lengths and the first EOS, never from pad ids, so any in-vocabulary id pads).
+    `revision` pins a hub model's branch, tag or commit (model.revision); local folders
+    ignore it."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                                  **_revision(revision))
     except (OSError, ValueError) as exc:
         raise _load_error("tokenizer", path, exc) from None
     if tokenizer.eos_token is None:
@@ -52,7 +68,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    vocab_size = model_vocab_size(path, trust_remote_code)
+    vocab_size = model_vocab_size(path, trust_remote_code, revision)
     if vocab_size is not None and tokenizer.pad_token_id >= vocab_size:
         # transformers 5 gives some tokenizers (Qwen2's) a default pad token, <|endoftext|>,
         # when the checkpoint has none, with an id past the embedding matrix: the first padded
@@ -66,12 +82,14 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     return tokenizer
 
 
-def model_vocab_size(path: str | Path, trust_remote_code: bool = False) -> int | None:
+def model_vocab_size(path: str | Path, trust_remote_code: bool = False,
+                     revision: str | None = None) -> int | None:
     """Rows of the embedding matrix, from the config beside the tokenizer; None if unknown."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                            **_revision(revision))
     except Exception:  # a tokenizer without a model config: nothing to check against
         return None
     return getattr(config.get_text_config(), "vocab_size", None)
@@ -96,10 +114,10 @@ def _load_error(what: str, path: str | Path, exc: Exception) -> Exception:
     return exc
 
 
-def _from_pretrained(auto_class, path: str | Path, trust_remote_code: bool) -> nn.Module:
+def _from_pretrained(auto_class, path: str | Path, trust_remote_code: bool, **kwargs):
     try:
         return auto_class.from_pretrained(str(path), trust_remote_code=trust_remote_code,
-                                          use_safetensors=True, dtype=torch.float32)
+                                          use_safetensors=True, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error("model", path, exc) from None
     except SafetensorError as exc:  # stage outputs are checked before (rlhf.artifacts), a base not
@@ -107,8 +125,9 @@ def _from_pretrained(auto_class, path: str | Path, trust_remote_code: bool) -> n
                         f"truncated ({exc}); replace it or check model.name_or_path") from None
 
 
-def load_causal_lm(path: str | Path, trust_remote_code: bool = False) -> nn.Module:
-    return _from_pretrained(AutoModelForCausalLM, path, trust_remote_code)
+def load_causal_lm(path: str | Path, trust_remote_code: bool = False,
+                   revision: str | None = None) -> nn.Module:
+    return _from_pretrained(AutoModelForCausalLM, path, trust_remote_code, **_revision(revision))
 
 
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -181,6 +200,20 @@ class ScalarHeadModel(nn.Module):
     As a reward model, the score of a sequence is the head at its last non-padding token
     (causal attention: that token has seen everything). As a value model, the head at each
     position is V(s_t).
+
+    On disk (`save`/`load`) it is a standard `AutoModelForSequenceClassification` checkpoint
+    with `num_labels=1`: the trunk under the architecture's `base_model_prefix`, the head's
+    weight as `score.weight`. Hugging Face's score heads have no bias, so two fields of its
+    config.json carry what the head adds:
+
+    - `rlhf_score_bias`: the head's bias, i.e. the score normalisation (the shift that makes
+      the mean score of SFT samples 0). Our score = `logits + config.rlhf_score_bias`.
+    - `rlhf_score_std`: the std of the SFT samples' scores, recorded after normalising.
+
+    Scoring it with plain transformers: tokenize prompt + response + EOS (as it was trained)
+    with the tokenizer saved beside it, which pads on the right with a pad token that is not
+    EOS (`scoring_tokenizer`); the model reads the last token that is not `config.pad_token_id`,
+    i.e. the EOS. Left padding works too if the position ids are passed (`position_ids_from`).
     """
 
     def __init__(self, trunk: nn.Module):
@@ -230,22 +263,77 @@ class ScalarHeadModel(nn.Module):
         reward model when the value model is LoRA adapters on a copy of it (one trunk for both)."""
         return BaseScorer(self)
 
-    def save(self, directory: Path) -> None:
-        """The trunk as a plain Hugging Face model (LoRA adapters merged first) and the head."""
+    def save(self, directory: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        """A standard seq-cls checkpoint (see the class docstring); LoRA adapters are merged
+        into the trunk first. With `tokenizer`, the tokenizer to score with is saved beside
+        it (`scoring_tokenizer`) and its pad token id goes in the config."""
         directory = Path(directory)
         self.merge_adapters()
-        self.trunk.save_pretrained(directory)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
-                  directory / HEAD_FILE)
-        (directory / HEAD_META).write_text(json.dumps({"score_std": self.score_std}, indent=2))
+        state = {name: tensor.detach().contiguous().cpu()
+                 for name, tensor in self.trunk.state_dict().items()}
+        config = copy.deepcopy(self.trunk.config)
+        if tokenizer is not None:
+            tokenizer = scoring_tokenizer(tokenizer)
+            _cover_token_id(self.trunk, state, config, tokenizer.pad_token_id)
+            config.pad_token_id = tokenizer.pad_token_id
+        config.num_labels = 1
+        config.problem_type = "regression"
+        config.rlhf_score_bias = self.head.bias.item()
+        config.rlhf_score_std = float(self.score_std)
+        with torch.device("meta"):  # only its class, config and key names are needed
+            seq_cls = AutoModelForSequenceClassification.from_config(config)
+        prefix = seq_cls.base_model_prefix
+        state = {f"{prefix}.{name}": tensor for name, tensor in state.items()}
+        state["score.weight"] = self.head.weight.detach().contiguous().cpu()  # (1, H)
+        seq_cls.save_pretrained(directory, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
 
     @classmethod
     def load(cls, directory: str | Path, trust_remote_code: bool = False) -> "ScalarHeadModel":
+        """A reward model saved by `save` (or any seq-cls checkpoint with one label: no
+        rlhf_score_* fields read as bias 0, std 1)."""
         directory = Path(directory)
-        model = cls.from_causal_lm(directory, trust_remote_code)
-        model.head.load_state_dict(load_file(directory / HEAD_FILE))
-        model.score_std = json.loads((directory / HEAD_META).read_text())["score_std"]
+        if (directory / OLD_HEAD_FILE).exists():
+            raise UserError(f"the reward model at {directory} is in the old format "
+                            f"({OLD_HEAD_FILE}); rerun the reward stage (`rlhf stage reward`)")
+        seq_cls, info = _from_pretrained(AutoModelForSequenceClassification, directory,
+                                         trust_remote_code, output_loading_info=True)
+        if seq_cls.config.num_labels != 1 or any(k.startswith("score.")
+                                                 for k in info["missing_keys"]):
+            raise UserError(f"{directory} is not a reward model (a sequence-classification "
+                            "checkpoint with num_labels=1 and a trained score head); rerun "
+                            "the reward stage (`rlhf stage reward`)")
+        model = cls(getattr(seq_cls, seq_cls.base_model_prefix))
+        with torch.no_grad():
+            model.head.weight.copy_(seq_cls.score.weight)
+            model.head.bias.fill_(getattr(seq_cls.config, "rlhf_score_bias", 0.0))
+        model.score_std = getattr(seq_cls.config, "rlhf_score_std", 1.0)
         return model
+
+
+def scoring_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A copy of `tokenizer` for scoring with transformers' seq-cls models: right padding,
+    and a pad token that is not EOS. (Those models read the last token that is not the pad
+    id; a tokenizer that pads with EOS would make them skip the EOS every scored sequence
+    ends with, one token earlier than our score. Such a tokenizer gets PAD_TOKEN.)"""
+    tokenizer = copy.deepcopy(tokenizer)
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _cover_token_id(trunk: nn.Module, state: dict, config, token_id: int) -> None:
+    """Grow the input embedding in `state` (and config.vocab_size) with zero rows until it
+    has a row for `token_id`: an added pad token's row, read only at padded positions, which
+    no real token attends to."""
+    weight = trunk.get_input_embeddings().weight
+    name = next(name for name, param in trunk.named_parameters() if param is weight)
+    rows, width = state[name].shape
+    if token_id >= rows:
+        state[name] = torch.cat([state[name], state[name].new_zeros(token_id + 1 - rows, width)])
+        config.vocab_size = token_id + 1
 
 
 class BaseScorer(nn.Module):

@@ -90,7 +90,7 @@ def load_data_tokenizer(params: Params, paths: Paths):
 
     base = resolve_base_model(params.model, paths)
     try:
-        return load_tokenizer(base, params.model.trust_remote_code)
+        return load_tokenizer(base, params.model.trust_remote_code, params.model.revision)
     except Exception as exc:  # OSError, ValueError...: all mean the same fix
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
@@ -145,8 +145,10 @@ class _Reader:
                  detector: Callable[[dict, str], str], adapter_for: Callable,
                  fmt: str = "auto", subset=None, whole_file_split: bool = True
                  ) -> tuple[list[Item], SplitReport, str]:
+        # data.revision pins data.source only: another dataset has commits of its own.
+        revision = self.cfg.revision if key == "data.source" else None
         loaded = sources.load(source, split, subset, self.root, self.cfg.max_rows, key=key,
-                              whole_file_split=whole_file_split)
+                              whole_file_split=whole_file_split, revision=revision)
         self.inputs[name] = loaded.inputs
         if loaded.truncated:
             self.truncated.append(name)
@@ -236,8 +238,10 @@ def run_external(params: Params, paths: Paths, logger: MetricsLogger) -> dict:
 
     manifest = {
         "source": cfg.source,
+        "revision": cfg.revision,
         "format": fmt,
         "tokenizer": params.model.name_or_path,
+        "tokenizer_revision": params.model.revision,
         "max_length": cfg.max_length,
         "on_bad_row": cfg.on_bad_row,
         "counts": {name: len(items) for name, items in splits.items()},

@@ -7,7 +7,8 @@ std is recorded. Writes `models/reward/` and `metrics/reward.json`.
 
 With `model.lora`, the trunk is frozen and carries LoRA adapters while the head is trained in
 full; the adapters are merged into the trunk before saving, so `models/reward/` is the same
-plain trunk + head either way.
+standard `AutoModelForSequenceClassification` checkpoint either way (the normalisation shift
+and the std in its config: `rlhf_score_bias`, `rlhf_score_std`; see `ScalarHeadModel`).
 
 Every `reward.checkpoint_every` steps a checkpoint goes under `checkpoints/reward/`, from which
 a rerun resumes exactly, mid-epoch included (`rlhf.checkpoints`).
@@ -176,8 +177,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     metrics.update(normalise(model, tokenizer, params, paths, device))
     if accelerator.is_main_process:
         with atomic_dir(paths.reward) as out:
-            model.save(out)
-            tokenizer.save_pretrained(out)
+            model.save(out, tokenizer)  # a standard seq-cls checkpoint and its tokenizer
             write_record(out, HASH_FILE)
         write_json(paths.metrics_file("reward"), metrics)
     checkpoints.finish(accelerator)

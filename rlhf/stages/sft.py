@@ -45,8 +45,10 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                         "or add demonstrations")
     accelerator = make_accelerator(params.train)
     base = resolve_base_model(params.model, paths)
-    tokenizer = load_tokenizer(base, params.model.trust_remote_code)
-    model = lora.prepare_for_training(load_causal_lm(base, params.model.trust_remote_code),
+    # model.revision pins a hub base model (a local folder, models/base included, ignores it).
+    tokenizer = load_tokenizer(base, params.model.trust_remote_code, params.model.revision)
+    model = lora.prepare_for_training(load_causal_lm(base, params.model.trust_remote_code,
+                                                     params.model.revision),
                                       params.model)
     if params.model.lora:
         model = lora.add_adapters(model, params.model, "CAUSAL_LM")
