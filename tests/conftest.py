@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,42 @@ def upstream_copy(trained_upstream: Path, tmp_path: Path) -> Path:
     for folder in ("data", "models"):
         shutil.copytree(trained_upstream / folder, tmp_path / folder)
     return tmp_path
+
+
+def sh(*command: str, cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command as a user would; on failure show its output's tail."""
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}:\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def clone_project(root: Path, extra_files=None) -> dict:
+    """A clone-like copy of this repository (tracked files only) in `root`, on the tiny
+    profile, committed to a fresh git repository with `extra_files(root)` written first;
+    returns the environment to run its commands in (its own Prefect home, no team servers)."""
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    from rlhf.config import write_overrides
+
+    write_overrides(root / "params.yaml", TINY_OVERRIDES)
+    if extra_files is not None:
+        extra_files(root)
+    env = {**os.environ, "PREFECT_HOME": str(root / ".prefect-home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RLHF_NO_PROGRESS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
+        env.pop(name, None)
+    sh("git", "init", "-q", cwd=root, env=env)
+    (root / ".gitignore").write_text((root / ".gitignore").read_text() + "/.prefect-home/\n")
+    assert (root / ".dvc").is_dir(), "the repository ships an initialised .dvc/"
+    sh("git", "add", "-A", cwd=root, env=env)
+    sh("git", "commit", "-qm", "clone", cwd=root, env=env)
+    return env

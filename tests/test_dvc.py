@@ -9,51 +9,23 @@ gate and promotes one that passes.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from rlhf.config import write_overrides
 
-from .conftest import REPO, TINY_OVERRIDES
+from .conftest import clone_project, sh
 
 pytestmark = pytest.mark.slow
-
-
-def sh(*command: str, cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} exited {result.returncode}:\n"
-                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> tuple[Path, dict]:
     """A clone-like copy of this repository (tracked files only) with the tiny profile."""
     root = tmp_path_factory.mktemp("clone")
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    write_overrides(root / "params.yaml", TINY_OVERRIDES)
-    env = {**os.environ, "PREFECT_HOME": str(root / ".prefect-home"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RLHF_NO_PROGRESS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
-        env.pop(name, None)
-    sh("git", "init", "-q", cwd=root, env=env)
-    (root / ".gitignore").write_text((root / ".gitignore").read_text() + "/.prefect-home/\n")
-    assert (root / ".dvc").is_dir(), "the repository ships an initialised .dvc/"
-    sh("git", "add", "-A", cwd=root, env=env)
-    sh("git", "commit", "-qm", "clone", cwd=root, env=env)
-    return root, env
+    return root, clone_project(root)
 
 
 @pytest.fixture(scope="module")

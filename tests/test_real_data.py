@@ -7,28 +7,23 @@ champion loaded back from the registry to generate.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from rlhf.config import write_overrides
 
-from .conftest import REPO, TINY_OVERRIDES
+from .conftest import clone_project, sh
 from .test_architectures import rows_for, save_tiny_model
 
 pytestmark = pytest.mark.slow
 
 
-def sh(*command: str, cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} exited {result.returncode}:\n"
-                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
+def own_data_and_model(root: Path) -> None:
+    (root / "prefs.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in rows_for("conversational")))
+    save_tiny_model("llama", root / "base-llama")
 
 
 @pytest.fixture(scope="module")
@@ -36,26 +31,7 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
     """A clone of this repository with the tiny profile, a conversational data file and a
     local model beside the code; its first `rlhf run` done."""
     root = tmp_path_factory.mktemp("own-data")
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    write_overrides(root / "params.yaml", TINY_OVERRIDES)
-    (root / "prefs.jsonl").write_text(
-        "".join(json.dumps(row) + "\n" for row in rows_for("conversational")))
-    save_tiny_model("llama", root / "base-llama")
-    env = {**os.environ, "PREFECT_HOME": str(root / ".prefect-home"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RLHF_NO_PROGRESS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
-        env.pop(name, None)
-    sh("git", "init", "-q", cwd=root, env=env)
-    (root / ".gitignore").write_text((root / ".gitignore").read_text() + "/.prefect-home/\n")
-    sh("git", "add", "-A", cwd=root, env=env)
-    sh("git", "commit", "-qm", "clone", cwd=root, env=env)
+    env = clone_project(root, own_data_and_model)
     result = sh("rlhf", "run", "--set", "data.source=prefs.jsonl",
                 "--set", "model.name_or_path=base-llama", cwd=root, env=env)
     return root, env, result
