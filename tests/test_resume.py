@@ -50,8 +50,17 @@ def rlhf_stage(root: Path, stage: str, *args: str) -> list[str]:
             "--params", str(root / "params.yaml"), *args]
 
 
+def own_env() -> dict:
+    """This process's environment without the stores earlier tests pointed MLflow and Prefect
+    at: each project here tracks to its own mlflow.db, as a user's would."""
+    env = dict(os.environ)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
+        env.pop(name, None)
+    return env
+
+
 def run_ok(command: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+    result = subprocess.run(command, cwd=cwd, env=env or own_env(), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -61,7 +70,7 @@ def kill_after_first_checkpoint(command: list[str], cwd: Path, stage: str,
                                 env: dict | None = None) -> int:
     """Start the command, SIGKILL its whole process group as soon as `stage` has written a
     checkpoint of this run (not a finished run's); return that checkpoint's step."""
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command, cwd=cwd, env=env or own_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     directory = cwd / "checkpoints" / stage
     deadline = time.monotonic() + 300
@@ -153,7 +162,7 @@ def test_checkpoint_of_other_params_is_refused_and_fresh_starts_over(trained_ups
     kill_after_first_checkpoint(rlhf_stage(root, "ppo", "--no-track"), root, "ppo")
 
     refused = subprocess.run(rlhf_stage(root, "ppo", "--no-track", "--set", "ppo.lr=0.0005"),
-                             cwd=root, capture_output=True, text=True, timeout=600)
+                             cwd=root, env=own_env(), capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2
     assert "Traceback" not in refused.stderr
     message = refused.stderr.strip()
