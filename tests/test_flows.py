@@ -458,3 +458,27 @@ def test_prefect_yaml_deploys_a_git_clone_not_the_deploying_directory(real_serve
     clone = step["prefect.deployments.steps.git_clone"]
     assert clone["repository"] == "file:///srv/git/rlhf.git" and clone["branch"] == "nightly"
     assert str(project) not in json.dumps(deployment.pull_steps)
+
+
+def test_running_stages_show_progress_and_completions_in_prefect(first_run):
+    """What a user watching the Prefect UI sees: progress lines with an ETA in the ppo task's
+    logs, and the completions tables as artifacts."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, LogFilter
+    from prefect.client.schemas.filters import LogFilterFlowRunId
+
+    summary, _ = first_run
+    flow_run_id = summary["prefect_flow_run_id"]
+    deadline = time.monotonic() + 20
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = [log.message for log in client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+            progress = [m for m in logs if m.startswith("ppo step") and "eta" in m]
+            if progress or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert progress, logs[-20:]
+        assert "kl" in progress[-1] and "score" in progress[-1] and "loss" in progress[-1]
+        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["ppo-completions", "eval-completions"])))}
+        assert keys == {"ppo-completions", "eval-completions"}
