@@ -42,8 +42,10 @@ class CheckpointMismatch(UserError):
     """A checkpoint was made by a run with other params or inputs."""
 
 
-# Params that change how often a run writes or logs, or how fast it runs, not what it computes.
-_NOT_SHAPING = {"checkpoint_every", "checkpoint_keep", "num_threads", "log_every"}
+# Params that change how often a run writes or logs, how fast it runs or how its work is divided
+# over processes and micro-batches (rlhf.distributed: the same result), not what it computes.
+_NOT_SHAPING = {"checkpoint_every", "checkpoint_keep", "num_threads", "log_every",
+                "num_processes", "grad_accum", "accelerate_config"}
 
 
 def fingerprint(flat_params: Mapping[str, Any], sections: Iterable[str],

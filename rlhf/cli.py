@@ -42,6 +42,8 @@ def _log_progress_lines() -> None:
 
     if sys.stderr.isatty() and not os.environ.get("RLHF_NO_PROGRESS"):
         return
+    if os.environ.get("RANK", "0") != "0":  # a launched group's rank 0 speaks for all
+        return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("rlhf")
@@ -89,8 +91,11 @@ def stage(
 
     A training stage (sft, reward, ppo) that was interrupted resumes from its newest
     checkpoint under checkpoints/NAME, continuing the same MLflow run; --fresh starts over.
+    With train.num_processes > 1, sft, reward, ppo and evaluate run as a process group
+    started by Accelerate's launcher (rank 0 writes and tracks).
     """
     from rlhf import stages
+    from rlhf.mlops import launch
     from rlhf.paths import Paths
 
     paths = Paths(root)
@@ -99,6 +104,12 @@ def stage(
         params = _load(params_file, overrides)
         if fresh:
             _delete_checkpoints(paths, [name])
+        if launch.wants_launch(name, params):
+            launch.run_launched(name, params, paths.root, track=track)
+            return
+        if launch.rank() != 0:  # another rank of a launched group: rank 0 tracks and reports
+            stages.get(name)(params, paths)
+            return
         if name == "register":
             from rlhf.mlops import mlflow_tracking as mt
             from rlhf.mlops.register import register
@@ -134,7 +145,10 @@ def _stage_logger(name, params, paths, parent: Optional[str], track: bool):
     mt.ensure_reachable(uri)
     mt.recover(params.registry.experiment, paths.root)
     interrupted = resumable(paths.checkpoints / name) or {}
-    resume_run = mt.existing_run(interrupted.get("tracking_run_id"))
+    # A launched group's rank 0 logs to the run its launcher opened (the flow's stage run).
+    from rlhf.mlops.launch import RUN_ID_ENV
+
+    resume_run = mt.existing_run(os.environ.get(RUN_ID_ENV) or interrupted.get("tracking_run_id"))
     if parent or resume_run:
         # A resumed stage continues the MLflow run its checkpoints were logged to.
         return mt.stage_run(name, parent, resume_run_id=resume_run and resume_run.info.run_id)

@@ -209,6 +209,12 @@ class TrainConfig(Section):
     """torch CPU threads; 0 leaves torch's default."""
     checkpoint_keep: int = Field(2, ge=1)
     """Resumable checkpoints kept per stage (the newest ones); older ones are deleted."""
+    num_processes: int = Field(1, ge=1)
+    """Processes per training stage: > 1 launches sft, reward, ppo and evaluate with Accelerate's launcher (DDP; gloo on CPU), each rank on its shard of every batch."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches each process splits its shard of a batch into, accumulating gradients: the global batch stays the stage's batch_size, memory per step shrinks."""
+    accelerate_config: Optional[str] = Field(None, min_length=1)
+    """An Accelerate config file for launched stages (configs/accelerate/: DDP, FSDP, DeepSpeed ZeRO-2/3); null launches plain DDP with train.num_processes."""
 
 
 class SFTConfig(Section):

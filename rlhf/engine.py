@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from transformers import get_cosine_schedule_with_warmup
 
 from rlhf.config import TrainConfig
@@ -25,7 +25,13 @@ def make_accelerator(cfg: TrainConfig, seed_offset: int = 0) -> Accelerator:
     set_seed(cfg.seed + seed_offset)
     # Not Accelerate's own "no": YAML 1.1 dumpers (DVC's `exp run -S`) rewrite it as false.
     mixed_precision = "no" if cfg.precision == "fp32" else cfg.precision
-    return Accelerator(cpu=cfg.cpu, mixed_precision=mixed_precision)
+    # With no GPU, a launched multi-process run is MULTI_CPU on gloo (Accelerator(cpu=True)).
+    # split_batches: a stage's batch_size is the global batch, which the ranks share
+    # (rlhf.distributed); Accelerate then steps a prepared scheduler once per optimizer step,
+    # not once per process.
+    return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(),
+                       mixed_precision=mixed_precision,
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def adamw_with_cosine_schedule(model: torch.nn.Module, cfg: Any, steps_per_epoch: int):

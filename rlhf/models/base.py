@@ -10,11 +10,14 @@ from rlhf.models.builtin import save_builtin
 from rlhf.paths import Paths
 
 
-def resolve_base_model(cfg: ModelConfig, paths: Paths) -> str:
+def resolve_base_model(cfg: ModelConfig, paths: Paths, write: bool = True) -> str:
     """`builtin` builds the tiny GPT-2 into models/base (idempotent: same config, same weights).
 
     Any other model is loaded from where it is; models/base then records which model that was
-    (`source.json`), so the sft stage's declared output exists whatever the model (dvc.yaml)."""
+    (`source.json`), so the sft stage's declared output exists whatever the model (dvc.yaml).
+    With `write=False` (the other ranks of a launched group) only the location is returned."""
+    if not write:
+        return cfg.name_or_path if cfg.name_or_path != "builtin" else str(paths.base_model)
     if cfg.name_or_path != "builtin":
         with atomic_dir(paths.base_model) as out:
             write_json(out / "source.json", {"name_or_path": cfg.name_or_path,

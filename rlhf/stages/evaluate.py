@@ -11,7 +11,9 @@ Where a gold reward exists it is the judgement, never the RM score, which PPO ca
 `eval.max_prompts` caps the number of prompts: a sample seeded by data.seed (the same prompts
 for every run on the same data, so runs stay comparable), kept in file order.
 
-Writes `metrics/eval.json`, `metrics/pass_at_k.csv` (its header only without a gold answer)
+With `train.num_processes` > 1 each rank samples and scores its share of the samples (each
+seeded by its index among all of them, so the figures do not depend on the world size); the
+main process gathers them and writes `metrics/eval.json`, `metrics/pass_at_k.csv` (its header only without a gold answer)
 and PNG plots in `plots/`.
 """
 
@@ -23,12 +25,13 @@ from pathlib import Path
 
 import torch
 
+from rlhf import distributed as dist
 from rlhf import rl_math as rl
 from rlhf.artifacts import require_model
 from rlhf.config import Params
 from rlhf.data.tokenize import encode
 from rlhf.engine import make_accelerator
-from rlhf.generation import decode_responses, generate
+from rlhf.generation import decode_responses, derive_seed, generate
 from rlhf.io import atomic_write_text, read_jsonl, write_json
 from rlhf.models.loading import ScalarHeadModel, lm_logits, load_causal_lm, load_tokenizer
 from rlhf.paths import Paths
@@ -49,20 +52,25 @@ def ks_up_to(max_k: int) -> list[int]:
 
 @torch.no_grad()
 def sample_and_score(model, reference, reward_model, tokenizer, prompts: list[str],
-                     params: Params, device, label: str) -> dict[str, list]:
+                     params: Params, device, label: str, accelerator=None) -> dict[str, list]:
     """Samples of `model` for every prompt (repeated n times), with RM scores and the
-    summed KL of `model` to `reference` on each sample."""
+    summed KL of `model` to `reference` on each sample. With an `accelerator` of several
+    processes, each samples its share and every rank gets all of them, in order."""
     cfg = params.eval
     repeated = [p for p in prompts for _ in range(cfg.n_samples)]
+    share = (dist.uneven_slice(len(repeated), accelerator) if accelerator is not None
+             else slice(0, len(repeated)))
+    mine = repeated[share]
+    seed = derive_seed(params.train.seed, "eval", label)
     out: dict[str, list] = {"prompt": [], "text": [], "score": [], "kl": [], "length": [],
                             "eos": []}
-    starts = range(0, len(repeated), cfg.batch_size)
+    starts = range(0, len(mine), cfg.batch_size)
     with progress_bar(f"eval {label}", len(starts)) as bar:
         for start in starts:
-            chunk = repeated[start:start + cfg.batch_size]
+            chunk = mine[start:start + cfg.batch_size]
             query, query_mask, responses = generate(
                 model, tokenizer, [encode(tokenizer, p) for p in chunk], cfg.max_new_tokens,
-                cfg.temperature, device)
+                cfg.temperature, device, seed=seed, first_row=share.start + start)
             responses = rl.truncate_after_eos(responses, tokenizer.eos_token_id,
                                               tokenizer.pad_token_id)
             lengths = rl.response_lengths(responses, tokenizer.eos_token_id)  # (B,)
@@ -87,6 +95,8 @@ def sample_and_score(model, reference, reward_model, tokenizer, prompts: list[st
             out["length"] += lengths.tolist()
             out["eos"] += (responses == tokenizer.eos_token_id).any(1).tolist()
             bar.advance()
+    if accelerator is not None and accelerator.num_processes > 1:
+        out = {key: dist.gather_list(accelerator, values) for key, values in out.items()}
     return out
 
 
@@ -159,9 +169,9 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     gold = gold_reward_fn(params)
 
     policy_samples = sample_and_score(policy, reference, reward_model, tokenizer, prompts,
-                                      params, device, "policy")
+                                      params, device, "policy", accelerator)
     reference_samples = sample_and_score(reference, reference, reward_model, tokenizer,
-                                         prompts, params, device, "reference")
+                                         prompts, params, device, "reference", accelerator)
     report = {
         "policy": summarise(policy_samples, prompts, params, gold),
         "reference": summarise(reference_samples, prompts, params, gold),
@@ -169,6 +179,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         **({"n_prompts_available": len(available)} if len(prompts) < len(available) else {}),
         "n_samples": params.eval.n_samples,
         "kl_budget": params.eval.kl_budget,
+        "world_size": accelerator.num_processes,
     }
     report["kl_within_budget"] = report["policy"]["kl"] <= params.eval.kl_budget
     # Judged by the reward model: the only judge there is on data without a gold reward.

@@ -9,6 +9,13 @@ Each iteration, in the order of the N+ reference implementation:
   6. adapt beta towards the KL target.
 The math of steps 3-5 lives in `rlhf.rl_math` as pure, unit-tested functions.
 
+With `train.num_processes` > 1 each rank samples and scores its shard of the rollout batch
+(row i of the global batch is sampled with its own seeded generator, so the samples do not
+depend on the world size), the shards are gathered so every rank holds the whole batch for
+steps 3-4, and each rank takes its shard of every PPO minibatch (split into
+`train.grad_accum` micro-batches), its losses weighted by its share of the minibatch's
+tokens: the all-reduced gradient is the one a single process computes (`rlhf.distributed`).
+
 Writes `models/policy/`, `metrics/ppo.json`, `metrics/ppo_history.csv` (one row per step,
 for plots), and every `ppo.checkpoint_every` steps a checkpoint under `checkpoints/ppo/` from
 which a rerun resumes exactly (`rlhf.checkpoints`). The history lives in the checkpoints while
@@ -37,6 +44,7 @@ import torch
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
+from rlhf import distributed as dist
 from rlhf import rl_math as rl
 from rlhf.artifacts import require_model
 from rlhf.config import Params, PPOConfig
@@ -45,7 +53,7 @@ from rlhf.data.tokenize import collate_sft, encode, encode_sft
 from rlhf import checkpoints as ckpt
 from rlhf.engine import make_accelerator
 from rlhf.errors import DataError
-from rlhf.generation import decode_responses, generate
+from rlhf.generation import decode_responses, derive_seed, generate
 from rlhf.io import atomic_dir, atomic_write_text, read_jsonl, write_json
 from rlhf.models import lora
 from rlhf.models.loading import (AdaptersDisabled, ScalarHeadModel, lm_logits, load_causal_lm,
@@ -54,6 +62,7 @@ from rlhf.paths import Paths
 from rlhf.progress import progress_bar
 from rlhf.stages import reference as reference_stage
 from rlhf.stages import reward as reward_stage
+from rlhf.stages.sft import summed_token_nll
 from rlhf.tracking import MetricsLogger, NullLogger
 
 
@@ -113,12 +122,15 @@ def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, query_width
 @torch.no_grad()
 def collect_rollout(model: PolicyAndValue, reference: nn.Module, reward_model: ScalarHeadModel,
                     tokenizer, prompts: list[str], cfg: PPOConfig, device,
-                    autocast: Callable = contextlib.nullcontext) -> Rollout:
+                    autocast: Callable = contextlib.nullcontext, seed: int = 0,
+                    first_row: int = 0) -> Rollout:
+    """Sample and score `prompts`, rows `first_row`... of the global batch sampled with the
+    generators of (`seed`, row)."""
     policy = model.policy
     policy.eval()
     query, query_mask, responses = generate(
         policy, tokenizer, [encode(tokenizer, p) for p in prompts], cfg.max_new_tokens,
-        cfg.temperature, device)
+        cfg.temperature, device, seed=seed, first_row=first_row)
     responses = rl.truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
     lengths = rl.response_lengths(responses, tokenizer.eos_token_id)  # (B,)
     mask = rl.mask_from_lengths(lengths, responses.shape[1])  # (B, R)
@@ -147,49 +159,114 @@ def collect_rollout(model: PolicyAndValue, reference: nn.Module, reward_model: S
         texts=decode_responses(tokenizer, responses), prompts=prompts)
 
 
+def gather_rollout(accelerator, local: Rollout, pad_token_id: int) -> Rollout:
+    """The whole rollout batch on every rank, rows in rank order (queries re-padded on the
+    left to the widest; responses are `max_new_tokens` wide on every rank)."""
+    if accelerator.num_processes == 1:
+        return local
+    width = local.query_responses.shape[1] - local.responses.shape[1]
+    query = dist.gather_rows(accelerator, local.query_responses[:, :width], pad_token_id,
+                             pad_first=True)
+    query_mask = dist.gather_rows(accelerator, local.attention_mask[:, :width], 0,
+                                  pad_first=True)
+    responses = dist.gather_rows(accelerator, local.responses)
+    mask = dist.gather_rows(accelerator, local.mask)
+    return Rollout(
+        query_responses=torch.cat([query, responses], 1),
+        attention_mask=torch.cat([query_mask, mask.long()], 1), responses=responses, mask=mask,
+        logprobs=dist.gather_rows(accelerator, local.logprobs),
+        ref_logprobs=dist.gather_rows(accelerator, local.ref_logprobs),
+        values=dist.gather_rows(accelerator, local.values),
+        scores=dist.gather_rows(accelerator, local.scores),
+        has_eos=dist.gather_rows(accelerator, local.has_eos),
+        texts=dist.gather_list(accelerator, local.texts),
+        prompts=dist.gather_list(accelerator, local.prompts))
+
+
+STATS = ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio",
+         "ratio_sq", "ptx_loss")
+"""What `ppo_update` averages over a minibatch's tokens (ratio_sq: to combine ratio_var)."""
+
+
 def ppo_update(model: PolicyAndValue, optimizer, accelerator, batch: Rollout,
                advantages: torch.Tensor, returns: torch.Tensor, cfg: PPOConfig,
-               ptx_batches: Optional[Callable[[], dict]], generator: torch.Generator) -> dict:
-    """`ppo_epochs` passes of clipped policy + value updates over shuffled minibatches."""
+               ptx_batches: Optional[Callable[[], dict]], generator: torch.Generator,
+               grad_accum: int = 1) -> dict:
+    """`ppo_epochs` passes of clipped policy + value updates over shuffled minibatches.
+
+    `batch` is the whole rollout (every rank holds it); each rank backpropagates its shard of
+    each minibatch, micro-batch by micro-batch, each micro-batch's mean losses weighted by
+    its share of the minibatch's valid tokens (times the world size, which DDP's averaging
+    divides out), so the update is the one of the whole minibatch at once."""
     model.train()
     size = batch.responses.shape[0]
     width = batch.query_responses.shape[1] - batch.responses.shape[1]
-    stats: dict[str, list[float]] = {k: [] for k in (
-        "approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio",
-        "ratio_var", "ptx_loss")}
+    world = accelerator.num_processes
+    stats: dict[str, list[float]] = {k: [] for k in STATS}
+    minibatch_tokens: list[int] = []
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(size, generator=generator).to(batch.responses.device)
         for index in order.chunk(cfg.num_minibatches):
-            mask = batch.mask[index]
-            logits, vpred = model(batch.query_responses[index], batch.attention_mask[index])
-            new_logprobs, scaled_logits = response_logprobs(
-                logits, batch.responses[index], width, cfg.temperature)
-            new_logprobs = new_logprobs.masked_fill(~mask, rl.INVALID_LOGPROB)
-            vpred = vpred[:, width - 1:-1]
-            pg = rl.policy_loss(new_logprobs, batch.logprobs[index], advantages[index], mask,
-                                cfg.cliprange)
-            vf = rl.value_loss(vpred, batch.values[index], returns[index], mask,
-                               cfg.cliprange_value)
-            entropy = rl.masked_mean(rl.entropy_from_logits(scaled_logits), mask)
-            loss = pg.loss + cfg.vf_coef * vf.loss - cfg.ent_coef * entropy
-            if ptx_batches is not None:
-                demo = ptx_batches()
-                policy = accelerator.unwrap_model(model).policy
-                ptx = policy(input_ids=demo["input_ids"], attention_mask=demo["attention_mask"],
-                             **position_kwargs(policy, demo["attention_mask"]),
-                             labels=demo["labels"], use_cache=False).loss
-                loss = loss + cfg.ptx_coef * ptx
-                stats["ptx_loss"].append(ptx.item())
-            accelerator.backward(loss)
+            tokens = batch.mask[index].sum().item()
+            minibatch_tokens.append(tokens)
+            mine = index[dist.shard_slice(len(index), accelerator)]
+            demo = ptx_batches() if ptx_batches is not None else None  # the global ptx batch
+            demo_tokens = (demo["labels"][:, 1:] != -100).sum().item() if demo else 0
+            mine_demo = ({k: v[dist.shard_slice(len(v), accelerator)] for k, v in demo.items()}
+                         if demo else None)
+            sums = torch.zeros(len(STATS), dtype=torch.float64)
+            parts = dist.micro_slices(len(mine), grad_accum)
+            for i, part in enumerate(parts):
+                micro = mine[part]
+                mask = batch.mask[micro]
+                weight = mask.sum().item() / tokens  # this micro-batch's share of the tokens
+                # Gradients are all-reduced once, after the last micro-batch.
+                sync = (contextlib.nullcontext() if i == len(parts) - 1
+                        else accelerator.no_sync(model))
+                with sync:
+                    logits, vpred = model(batch.query_responses[micro],
+                                          batch.attention_mask[micro])
+                    new_logprobs, scaled_logits = response_logprobs(
+                        logits, batch.responses[micro], width, cfg.temperature)
+                    new_logprobs = new_logprobs.masked_fill(~mask, rl.INVALID_LOGPROB)
+                    vpred = vpred[:, width - 1:-1]
+                    pg = rl.policy_loss(new_logprobs, batch.logprobs[micro], advantages[micro],
+                                        mask, cfg.cliprange)
+                    vf = rl.value_loss(vpred, batch.values[micro], returns[micro], mask,
+                                       cfg.cliprange_value)
+                    entropy = rl.masked_mean(rl.entropy_from_logits(scaled_logits), mask)
+                    loss = weight * (pg.loss + cfg.vf_coef * vf.loss - cfg.ent_coef * entropy)
+                    ptx = torch.zeros(())
+                    if mine_demo is not None:
+                        piece = {k: v[dist.micro_slices(len(v), grad_accum)[i]]
+                                 for k, v in mine_demo.items()}
+                        policy = accelerator.unwrap_model(model).policy
+                        ptx_logits = policy(
+                            input_ids=piece["input_ids"], attention_mask=piece["attention_mask"],
+                            **position_kwargs(policy, piece["attention_mask"]),
+                            use_cache=False).logits
+                        ptx = summed_token_nll(ptx_logits, piece["labels"]) / max(1, demo_tokens)
+                        loss = loss + cfg.ptx_coef * ptx
+                    accelerator.backward(loss * world)
+                n = mask.sum().item()
+                ratio_sq = pg.ratio_var * (n - 1) / n + pg.ratio_mean ** 2  # E[ratio^2]
+                sums += torch.tensor([weight * float(v.detach()) for v in (
+                    pg.approxkl, pg.clipfrac, pg.loss, vf.loss, vf.clipfrac, entropy,
+                    pg.ratio_mean, ratio_sq)] + [float(ptx.detach())], dtype=torch.float64)
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
-            for key, value in (("approxkl", pg.approxkl), ("clipfrac", pg.clipfrac),
-                               ("pg_loss", pg.loss), ("vf_loss", vf.loss),
-                               ("vf_clipfrac", vf.clipfrac), ("entropy", entropy),
-                               ("ratio", pg.ratio_mean), ("ratio_var", pg.ratio_var)):
-                stats[key].append(float(value.detach()))
-    return {key: sum(vals) / len(vals) for key, vals in stats.items() if vals}
+            for key, value in zip(STATS, dist.sum_over_ranks(accelerator, sums).tolist()):
+                stats[key].append(value)
+    means = {key: sum(vals) / len(vals) for key, vals in stats.items()}
+    # Var of the ratio over each minibatch's tokens (unbiased), from its first two moments.
+    variances = [(sq - mean ** 2) * n / (n - 1) if n > 1 else 0.0
+                 for sq, mean, n in zip(stats["ratio_sq"], stats["ratio"], minibatch_tokens)]
+    means["ratio_var"] = sum(variances) / len(variances)
+    del means["ratio_sq"]
+    if ptx_batches is None:
+        del means["ptx_loss"]
+    return means
 
 
 def gold_reward_fn(params: Params) -> Optional[Callable[[str, str], float]]:
@@ -279,6 +356,8 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         raise DataError(f"{len(prompts)} RL prompts are fewer than ppo.batch_size "
                         f"({cfg.batch_size}); lower ppo.batch_size or add prompts")
     accelerator = make_accelerator(params.train, seed_offset=2)
+    dist.check_divisible("ppo.batch_size", cfg.batch_size, accelerator, params.train.grad_accum,
+                         ppo__num_minibatches=cfg.num_minibatches)
     device = accelerator.device
     tokenizer, model, reference, reward_model, reference_hash = load_models(params, paths)
     reference.to(device)  # with LoRA: the policy itself, which `prepare` moves
@@ -318,8 +397,13 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     with progress_bar("ppo", cfg.steps, completed=first_step - 1) as bar:
         for step in range(first_step, cfg.steps + 1):
             start = time.perf_counter()
-            batch = collect_rollout(unwrapped, reference, reward_model, tokenizer,
-                                    next(batches), cfg, device, accelerator.autocast)
+            # Steps 1-2 on this rank's shard of the prompts, then the whole batch on every rank.
+            prompts_now = next(batches)
+            rows = dist.shard_slice(len(prompts_now), accelerator)
+            batch = gather_rollout(accelerator, collect_rollout(
+                unwrapped, reference, reward_model, tokenizer, prompts_now[rows], cfg, device,
+                accelerator.autocast, seed=derive_seed(params.train.seed, "ppo", step),
+                first_row=rows.start), tokenizer.pad_token_id)
             # Steps 3-4: shaped rewards, GAE, whitened advantages.
             kl = rl.per_token_kl(batch.logprobs, batch.ref_logprobs)  # (B, R), 0 at padding
             lengths = batch.mask.sum(1)
@@ -331,7 +415,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
             advantages = rl.masked_whiten(advantages, batch.mask).masked_fill(~batch.mask, 0.0)
             # Step 5: the PPO epochs.
             update = ppo_update(model, optimizer, accelerator, batch, advantages, returns, cfg,
-                                ptx_batches, shuffle)
+                                ptx_batches, shuffle, params.train.grad_accum)
             scheduler.step()
             # Step 6: adapt beta to the KL just measured.
             mean_kl = kl.sum(1).mean().item()

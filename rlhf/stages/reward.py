@@ -16,6 +16,7 @@ a rerun resumes exactly, mid-epoch included (`rlhf.checkpoints`).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -24,16 +25,17 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from rlhf import checkpoints as ckpt
+from rlhf import distributed as dist
 from rlhf import rl_math as rl
 from rlhf.artifacts import require_model, verify_record, write_record
 from rlhf.config import Params
 from rlhf.data.tokenize import collate_sequences, encode, encode_response
 from rlhf.engine import adamw_with_cosine_schedule, make_accelerator
 from rlhf.errors import DataError
-from rlhf.generation import generate
+from rlhf.generation import derive_seed, generate
 from rlhf.io import atomic_dir, read_json, read_jsonl, write_json
 from rlhf.models import lora
-from rlhf.models.loading import ScalarHeadModel, load_causal_lm, load_tokenizer
+from rlhf.models.loading import ScalarHeadModel, last_token_index, load_causal_lm, load_tokenizer
 from rlhf.paths import Paths
 from rlhf.progress import progress_bar
 from rlhf.tracking import MetricsLogger, NullLogger
@@ -58,11 +60,36 @@ def collate_pairs(batch: list[dict], pad_token_id: int) -> tuple[torch.Tensor, t
                              pad_token_id)
 
 
-def pair_margins(model: ScalarHeadModel, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor) -> torch.Tensor:
-    scores = model.score(input_ids, attention_mask)  # (2B,)
+def pair_margins(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """r(x, y_w) - r(x, y_l) per pair. `model` is called, not its `.score`: under DDP only a
+    call of the wrapped module all-reduces the gradients."""
+    values = model(input_ids, attention_mask)  # (2B, T)
+    scores = values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)  # (2B,)
     chosen, rejected = scores.chunk(2)
     return chosen - rejected  # (B,)
+
+
+def accumulate_gradients(model, pairs: list, pad_token_id: int, accelerator,
+                         grad_accum: int) -> tuple[float, float]:
+    """Backward passes over this rank's shard of a global batch of pairs, micro-batch by
+    micro-batch, of -log sigmoid(margin) summed / the global batch size (times the world size,
+    which DDP's averaging divides out). Returns the global batch's (mean loss, accuracy)."""
+    mine = dist.shard(pairs, accelerator)
+    parts = dist.micro_slices(len(mine), grad_accum)
+    loss_sum, correct = 0.0, 0.0
+    for i, part in enumerate(parts):
+        input_ids, attention_mask = collate_pairs(mine[part], pad_token_id)
+        # Gradients are all-reduced once, after the last micro-batch.
+        sync = contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(model)
+        with sync:
+            margins = pair_margins(model, input_ids.to(accelerator.device),
+                                   attention_mask.to(accelerator.device))
+            loss = -F.logsigmoid(margins).sum() / len(pairs)
+            accelerator.backward(loss * accelerator.num_processes)
+        loss_sum += loss.item()
+        correct += (margins > 0).float().sum().item()
+    loss_sum, correct = dist.sum_over_ranks(accelerator, [loss_sum, correct]).tolist()
+    return loss_sum, correct / len(pairs)
 
 
 @torch.no_grad()
@@ -91,6 +118,8 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                         f"most {len(train_rows)} or add pairs")
     trust = params.model.trust_remote_code
     accelerator = make_accelerator(params.train, seed_offset=1)
+    dist.check_divisible("reward.batch_size", cfg.batch_size, accelerator,
+                         params.train.grad_accum)
     tokenizer = load_tokenizer(paths.sft, trust)
     model = ScalarHeadModel.from_causal_lm(paths.sft, trust)
     lora.prepare_for_training(model.trunk, params.model)
@@ -98,12 +127,12 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         model.trunk = lora.add_adapters(model.trunk, params.model)
 
     shuffler = torch.Generator().manual_seed(params.train.seed)
+    # Not prepared by Accelerate: every rank reads the same global batches of pairs and
+    # collates its own shard of each (`accumulate_gradients`).
     loader = DataLoader(encode_pairs(tokenizer, train_rows), batch_size=cfg.batch_size,
-                        shuffle=True, drop_last=True,
-                        collate_fn=lambda b: collate_pairs(b, tokenizer.pad_token_id),
-                        generator=shuffler)
+                        shuffle=True, drop_last=True, collate_fn=list, generator=shuffler)
     optimizer, scheduler, total_steps = adamw_with_cosine_schedule(model, cfg, len(loader))
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     # Resume from the newest checkpoint of an interrupted run with the same params and inputs.
     checkpoints = ckpt.Checkpoints(
@@ -127,25 +156,24 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     with progress_bar("reward", total_steps, completed=step) as bar:
         while step < total_steps:
             epoch_shuffler = ckpt.generator_state(shuffler)
-            for index, (input_ids, attention_mask) in enumerate(loader):
+            for index, pairs in enumerate(loader):
                 if index < skip:
                     continue
-                margins = pair_margins(accelerator.unwrap_model(model), input_ids, attention_mask)
-                loss = -F.logsigmoid(margins).mean()
-                accelerator.backward(loss)
+                loss, accuracy = accumulate_gradients(model, pairs, tokenizer.pad_token_id,
+                                                      accelerator, params.train.grad_accum)
                 accelerator.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
                 step += 1
-                history.append((loss.item(), (margins > 0).float().mean().item()))
+                history.append((loss, accuracy))
                 if step % cfg.log_every == 0 or step == total_steps:
                     recent = history[-cfg.log_every:]
                     logger.log_metrics({
                         "reward/loss": sum(h[0] for h in recent) / len(recent),
                         "reward/accuracy_train": sum(h[1] for h in recent) / len(recent),
                         "reward/lr": scheduler.get_last_lr()[0]}, step=step)
-                bar.advance(f"loss {loss.item():.3f}")
+                bar.advance(f"loss {loss:.3f}")
                 if step % cfg.checkpoint_every == 0 or step == total_steps:
                     checkpoints.save(accelerator, step, {
                         "history": history, "epoch_shuffler": epoch_shuffler,
@@ -165,6 +193,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         "reward/steps": float(step),
         "reward/seconds": time.perf_counter() - start,
         "reward/loss_final": sum(h[0] for h in history[-20:]) / len(history[-20:]),
+        "reward/world_size": float(accelerator.num_processes),
     }
     if "noise_ceiling" in manifest:
         metrics["reward/noise_ceiling"] = manifest["noise_ceiling"]
@@ -193,7 +222,8 @@ def normalise(model: ScalarHeadModel, tokenizer, params: Params, paths: Paths,
     prompts = [encode(tokenizer, row["prompt"]) for row in prompts[:params.reward.n_normalise_samples]]
     policy = load_causal_lm(paths.sft, params.model.trust_remote_code).to(device).eval()
     query, query_mask, responses = generate(policy, tokenizer, prompts, params.ppo.max_new_tokens,
-                                            params.ppo.temperature, device)
+                                            params.ppo.temperature, device,
+                                            seed=derive_seed(params.train.seed, "reward-normalise"))
     responses = rl.truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
     response_mask = rl.mask_from_lengths(rl.response_lengths(responses, tokenizer.eos_token_id),
                                          responses.shape[1])

@@ -1,6 +1,9 @@
 """Stage `sft`: supervised fine-tuning of the base model on the demonstrations.
 
-Causal-LM loss on the response tokens only (prompt tokens are masked out of the labels).
+Causal-LM loss on the response tokens only (prompt tokens are masked out of the labels),
+averaged over the tokens of the global batch: with `train.num_processes` > 1 each rank
+trains on its shard of every batch (`rlhf.distributed`), and the all-reduced gradient is the
+one a single process computes.
 Writes the policy initialisation to `models/sft/` and `metrics/sft.json`, and every
 `sft.checkpoint_every` steps a checkpoint under `checkpoints/sft/` from which a rerun resumes
 exactly, mid-epoch included (`rlhf.checkpoints`).
@@ -11,16 +14,19 @@ weights before saving, so `models/sft/` is a plain Hugging Face model either way
 
 from __future__ import annotations
 
+import contextlib
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from rlhf import checkpoints as ckpt
+from rlhf import distributed as dist
 from rlhf.config import Params
-from rlhf.data.tokenize import collate_sft, encode_sft
+from rlhf.data.tokenize import IGNORE_INDEX, collate_sft, encode_sft
 from rlhf.engine import adamw_with_cosine_schedule, make_accelerator
 from rlhf.errors import DataError
 from rlhf.io import atomic_dir, read_jsonl, write_json
@@ -30,6 +36,34 @@ from rlhf.models.loading import load_causal_lm, load_tokenizer, position_kwargs
 from rlhf.paths import Paths
 from rlhf.progress import progress_bar
 from rlhf.tracking import MetricsLogger, NullLogger
+
+
+def summed_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over labelled tokens of -log p(token): the logit at t predicts the label at t+1."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def accumulate_gradients(model, batch: dict, accelerator, grad_accum: int) -> float:
+    """Backward passes over this rank's shard of a global batch, micro-batch by micro-batch,
+    of the loss summed per token / the global batch's token count (times the world size, which
+    DDP's averaging divides out). Returns the global batch's mean token loss."""
+    n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
+    rows = dist.shard_slice(len(batch["labels"]), accelerator)
+    parts = dist.micro_slices(rows.stop - rows.start, grad_accum)
+    total = 0.0
+    for i, part in enumerate(parts):
+        micro = {k: v[rows][part].to(accelerator.device) for k, v in batch.items()}
+        # Gradients are all-reduced once, after the last micro-batch.
+        sync = contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(model)
+        with sync:
+            logits = model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"],
+                           **position_kwargs(model, micro["attention_mask"]),
+                           use_cache=False).logits
+            loss = summed_token_nll(logits, micro["labels"]) / max(1, n_tokens)
+            accelerator.backward(loss * accelerator.num_processes)
+        total += loss.item()
+    return dist.sum_over_ranks(accelerator, total).item()
 
 
 FINGERPRINT_PARAMS = ("model", "train", "sft")
@@ -44,7 +78,10 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                         f"({cfg.batch_size}); lower sft.batch_size to at most {len(rows)} "
                         "or add demonstrations")
     accelerator = make_accelerator(params.train)
-    base = resolve_base_model(params.model, paths)
+    dist.check_divisible("sft.batch_size", cfg.batch_size, accelerator, params.train.grad_accum)
+    # Rank 0 writes models/base; the others read it once it is there.
+    base = resolve_base_model(params.model, paths, write=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     # model.revision pins a hub base model (a local folder, models/base included, ignores it).
     tokenizer = load_tokenizer(base, params.model.trust_remote_code, params.model.revision)
     model = lora.prepare_for_training(load_causal_lm(base, params.model.trust_remote_code,
@@ -55,11 +92,12 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
 
     examples = [encode_sft(tokenizer, row["prompt"], row["completion"]) for row in rows]
     shuffler = torch.Generator().manual_seed(params.train.seed)
+    # Not prepared by Accelerate: every rank reads the same global batches and takes its shard.
     loader = DataLoader(examples, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         collate_fn=partial(collate_sft, pad_token_id=tokenizer.pad_token_id),
                         generator=shuffler)
     optimizer, scheduler, total_steps = adamw_with_cosine_schedule(model, cfg, len(loader))
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     # Resume from the newest checkpoint of an interrupted run with the same params and inputs.
     checkpoints = ckpt.Checkpoints(
@@ -82,16 +120,13 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
             for index, batch in enumerate(loader):
                 if index < skip:
                     continue
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            **position_kwargs(model, batch["attention_mask"]),
-                            labels=batch["labels"], use_cache=False)
-                accelerator.backward(out.loss)
+                loss = accumulate_gradients(model, batch, accelerator, params.train.grad_accum)
                 accelerator.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
                 step += 1
-                losses.append(out.loss.item())
+                losses.append(loss)
                 if step % cfg.log_every == 0 or step == total_steps:
                     logger.log_metrics({"sft/loss": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]),
                                         "sft/lr": scheduler.get_last_lr()[0]}, step=step)
@@ -110,6 +145,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         "sft/loss_final": sum(losses[-window:]) / window,
         "sft/steps": float(step),
         "sft/seconds": time.perf_counter() - start,
+        "sft/world_size": float(accelerator.num_processes),
     }
     if accelerator.is_main_process:
         with atomic_dir(paths.sft) as out:
