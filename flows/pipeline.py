@@ -40,6 +40,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import logging
 import platform
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -234,6 +235,8 @@ def _run_stage(stage: str, params: dict, root: str, parent_run_id: Optional[str]
     from flows.prefect_logging import stage_reporting
     from rlhf import stages
     from rlhf.checkpoints import resumable
+    from rlhf.mlops import launch
+    from rlhf.mlops.resources import measure
     from rlhf.tracking import NullLogger
 
     if parent_run_id:
@@ -255,8 +258,27 @@ def _run_stage(stage: str, params: dict, root: str, parent_run_id: Optional[str]
             metrics = register(parsed, paths, parent_run_id=logger.run_id,
                                tags={"prefect.flow_run_id": current_flow_run.id, **lineage})
         else:
-            with stage_reporting(stage, logger or NullLogger()) as reporting:
-                metrics = stages.get(stage)(parsed, paths, reporting)
+            launched = launch.wants_launch(stage, parsed)
+            with stage_reporting(stage, logger or NullLogger()) as reporting, \
+                    measure(children=launched) as cost:
+                if launched:
+                    # Its own process group; rank 0 logs to this task's MLflow stage run, and
+                    # the group's output lines reach this task's Prefect logs.
+                    launch.run_launched(stage, parsed, project,
+                                        run_id=logger.run_id if logger else None,
+                                        track=logger is not None,
+                                        on_line=logging.getLogger("rlhf.launch").info)
+                    from rlhf.io import read_json
+
+                    report = read_json(paths.metrics_file("eval" if stage == "evaluate" else stage),
+                                       produced_by=stage)
+                    metrics = {k: v for k, v in report.items() if not isinstance(v, dict)}
+                else:
+                    metrics = stages.get(stage)(parsed, paths, reporting)
+            cost = {f"resources/{key}": value for key, value in cost.items()}
+            if logger:
+                logger.log_metrics(cost)
+            metrics = {**(metrics or {}), **cost}
     return {
         "stage": stage,
         "hash": outputs_hash(project, stage),
@@ -566,6 +588,10 @@ def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) ->
         "prefect_flow_run_id": str(flow_run_id),
         "prefect_flow_run_name": flow_run_name,
         "stages": states,
+        "resources": {stage: {key.split("/", 1)[1]: value
+                              for key, value in results[stage]["metrics"].items()
+                              if key.startswith("resources/")}
+                      for stage in to_run if stage != "register"},
         "dvc_recorded": dvc_recorded,
         "promotion": promotion,
         "where": {

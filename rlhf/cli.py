@@ -53,13 +53,23 @@ def _log_progress_lines() -> None:
 
 @app.callback()
 def _main() -> None:
+    from rlhf.mlops import launch
+
+    if launch.in_launched_group():
+        # A rank dies with its launcher: torchrun starts ranks in sessions of their own, so a
+        # kill -9 of the launched run would otherwise leave them training (and writing).
+        launch.die_with_parent(os.getppid())
     _log_progress_lines()
 
 
 def fail(message: str, code: int = 2) -> None:
     from rlhf.redact import redact_text
 
-    err.print(f"[bold red]error:[/] {redact_text(message)}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # Escaped: a message naming e.g. `pip install -e '.[deepspeed]'` is not rich markup.
+    err.print(f"[bold red]error:[/] {escape(redact_text(message))}", highlight=False,
+              soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -333,6 +343,17 @@ def print_summary(summary: Optional[dict], root: Path) -> None:
     if registered:
         out.print(f"model version: [bold]{registered['model_name']}[/] v{registered['version']} "
                   f"(alias {registered['alias']}) registered by the last run")
+    if summary and summary.get("resources"):
+        cost = Table(title="stages: wall time and peak memory (this run's figures for the "
+                           "stages it ran, the cached figures for the rest)", show_header=True)
+        for column in ("stage", "state", "wall s", "peak RSS MB", "peak GPU MB"):
+            cost.add_column(column)
+        for stage, figures in summary["resources"].items():
+            cost.add_row(stage, summary.get("stages", {}).get(stage, ""),
+                         f"{figures.get('wall_seconds', 0):.1f}",
+                         f"{figures.get('peak_rss_mb', 0):.0f}",
+                         f"{figures['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in figures else "-")
+        out.print(cost)
     ui = _registry_status(Path(root), registered.get("model_name"))
     if summary and summary.get("mlflow_run_url"):
         out.print(f"MLflow run: {summary['mlflow_run_url']}")

@@ -24,10 +24,10 @@ from rlhf.errors import ParamsError
 T = TypeVar("T")
 
 
-def check_divisible(what: str, size: int, accelerator: Accelerator, grad_accum: int,
+def check_divisible(what: str, size: int, world_size: int, grad_accum: int,
                     **other_parts: int) -> None:
     """A global batch must split evenly over processes, micro-batches (and e.g. minibatches)."""
-    parts = {"train.num_processes": accelerator.num_processes, "train.grad_accum": grad_accum,
+    parts = {"train.num_processes": world_size, "train.grad_accum": grad_accum,
              **{name.replace("__", "."): n for name, n in other_parts.items()}}
     needed = 1
     for n in parts.values():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +34,25 @@ RUN_ID_ENV = "RLHF_STAGE_RUN_ID"
 """Set by the caller: the MLflow run the launched stage's rank 0 logs to."""
 LAUNCHED_STAGES = ("sft", "reward", "ppo", "evaluate")
 _log = logging.getLogger("rlhf.launch")
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent thread ends (Linux's
+    parent-death signal): a kill -9 of `rlhf run` or `rlhf stage` takes its temporary Prefect
+    server and launched ranks with it instead of leaving them running. (A subprocess's
+    preexec_fn, or called first thing by a rank.)"""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: only the normal stop applies
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def rank() -> int:
@@ -79,6 +99,20 @@ def check_launchable(params: Params) -> None:
                           "installed; pip install -e '.[deepspeed]' (or drop the config for DDP)")
 
 
+def check_batches(stage: str, params: Params) -> None:
+    """The stage's global batch splits over the processes (before anything is launched)."""
+    from rlhf.distributed import check_divisible
+
+    world, accum = params.train.num_processes, params.train.grad_accum
+    if stage == "sft":
+        check_divisible("sft.batch_size", params.sft.batch_size, world, accum)
+    elif stage == "reward":
+        check_divisible("reward.batch_size", params.reward.batch_size, world, accum)
+    elif stage == "ppo":
+        check_divisible("ppo.batch_size", params.ppo.batch_size, world, accum,
+                        ppo__num_minibatches=params.ppo.num_minibatches)
+
+
 def launch_command(stage: str, params_file: Path, root: Path, params: Params) -> list[str]:
     """`accelerate launch` of `rlhf stage NAME` with `params.train`'s process settings."""
     n = str(params.train.num_processes)
@@ -99,6 +133,7 @@ def run_launched(stage: str, params: Params, root: Path, run_id: Optional[str] =
     """Run `stage` as a launched process group and wait for it; its output goes line by line
     to `on_line`. Raises UserError with the group's last error line if it fails."""
     check_launchable(params)
+    check_batches(stage, params)
     root = Path(root).resolve()
     # The effective params (overrides applied), private: they may hold credentials.
     params_file = root / ".rlhf" / f"launch-{stage}-{os.getpid()}.yaml"
@@ -114,8 +149,10 @@ def run_launched(stage: str, params: Params, root: Path, run_id: Optional[str] =
         env[RUN_ID_ENV] = run_id
     last_error = ""
     try:
+        parent = os.getpid()
         with subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, bufsize=1) as group:
+                              stderr=subprocess.STDOUT, text=True, bufsize=1,
+                              preexec_fn=lambda: die_with_parent(parent)) as group:
             for line in group.stdout:
                 line = line.rstrip("\n")
                 if line.startswith("error:"):

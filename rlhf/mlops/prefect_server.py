@@ -21,22 +21,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from rlhf.errors import UserError
+from rlhf.mlops.launch import die_with_parent
 
-_PR_SET_PDEATHSIG = 1
 LOG = Path(".rlhf") / "prefect-server.log"
-
-
-def _die_with_parent(parent: int) -> None:
-    """preexec_fn of the server: the kernel sends it SIGKILL when its parent thread ends."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: only the normal stop applies
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _drain_prefect_workers() -> None:
@@ -91,7 +78,7 @@ def temporary_server(root: Path, timeout: Optional[float] = None) -> Iterator[Op
              "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
              "--port", str(port), "--log-level", "error", "--lifespan", "on"],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=lambda: _die_with_parent(parent))
+            preexec_fn=lambda: die_with_parent(parent))
     try:
         # A fresh database is migrated on the first start, which can take a while.
         limit = timeout or max(90.0, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())

@@ -356,8 +356,8 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         raise DataError(f"{len(prompts)} RL prompts are fewer than ppo.batch_size "
                         f"({cfg.batch_size}); lower ppo.batch_size or add prompts")
     accelerator = make_accelerator(params.train, seed_offset=2)
-    dist.check_divisible("ppo.batch_size", cfg.batch_size, accelerator, params.train.grad_accum,
-                         ppo__num_minibatches=cfg.num_minibatches)
+    dist.check_divisible("ppo.batch_size", cfg.batch_size, accelerator.num_processes,
+                         params.train.grad_accum, ppo__num_minibatches=cfg.num_minibatches)
     device = accelerator.device
     tokenizer, model, reference, reward_model, reference_hash = load_models(params, paths)
     reference.to(device)  # with LoRA: the policy itself, which `prepare` moves
@@ -466,7 +466,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                     "ptx_generator": ckpt.generator_state(ptx_generator),
                     "reference_sha256": reference_hash})
 
-    metrics = summarise(history)
+    metrics = {**summarise(history), "ppo/world_size": float(accelerator.num_processes)}
     if accelerator.is_main_process:
         with atomic_dir(paths.policy) as out:
             lora.restore_config(lora.merged(unwrapped.policy)).save_pretrained(out)

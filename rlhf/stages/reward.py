@@ -118,7 +118,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                         f"most {len(train_rows)} or add pairs")
     trust = params.model.trust_remote_code
     accelerator = make_accelerator(params.train, seed_offset=1)
-    dist.check_divisible("reward.batch_size", cfg.batch_size, accelerator,
+    dist.check_divisible("reward.batch_size", cfg.batch_size, accelerator.num_processes,
                          params.train.grad_accum)
     tokenizer = load_tokenizer(paths.sft, trust)
     model = ScalarHeadModel.from_causal_lm(paths.sft, trust)

@@ -78,7 +78,8 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                         f"({cfg.batch_size}); lower sft.batch_size to at most {len(rows)} "
                         "or add demonstrations")
     accelerator = make_accelerator(params.train)
-    dist.check_divisible("sft.batch_size", cfg.batch_size, accelerator, params.train.grad_accum)
+    dist.check_divisible("sft.batch_size", cfg.batch_size, accelerator.num_processes,
+                         params.train.grad_accum)
     # Rank 0 writes models/base; the others read it once it is there.
     base = resolve_base_model(params.model, paths, write=accelerator.is_main_process)
     accelerator.wait_for_everyone()
