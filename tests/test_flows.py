@@ -308,6 +308,77 @@ def test_a_dvc_yaml_that_disagrees_with_the_flow_stops_it(tmp_path, prefect_harn
     assert task_run_states(str(state.state_details.flow_run_id), 0, timeout=0) == {}
 
 
+def progress_lines(flow_run_id: str, stage: str, timeout: float = 20.0) -> list[str]:
+    """The flow run's `<stage> step ... eta ...` lines as Prefect stored them (asynchronously)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = [log.message for log in client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+            progress = [m for m in logs if m.startswith(f"{stage} step") and "eta" in m]
+            if progress or time.monotonic() > deadline:
+                assert progress, logs[-20:]
+                return progress
+            time.sleep(0.5)
+
+
+def test_running_stages_show_progress_and_completions_in_prefect(first_run):
+    """What a user watching the Prefect UI sees: progress lines with an ETA in the ppo task's
+    logs, and the completions tables as artifacts. (Before the tests of `real_server`, which
+    points this process's Prefect client at another server for the rest of the module.)"""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    summary, _ = first_run
+    progress = progress_lines(summary["prefect_flow_run_id"], "ppo")
+    assert "kl" in progress[-1] and "score" in progress[-1] and "loss" in progress[-1]
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["ppo-completions", "eval-completions"])))}
+    assert keys == {"ppo-completions", "eval-completions"}
+
+
+def test_multi_process_stages_run_launched_under_the_flow(tmp_path, prefect_harness):
+    """train.num_processes=2: each training stage and evaluate runs as its own launched
+    process group from its task; rank 0 logs to the task's MLflow stage run, the group's
+    progress reaches the task's Prefect logs, the cache still works, and the figures are the
+    ones a one-process flow gets (a second project, same params)."""
+    root = tmp_path / "two"
+    root.mkdir()
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    old_env = {key: os.environ.get(key) for key in MLFLOW_ENV}
+    old_uris = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    try:
+        summary = run_flow(root, TINY_OVERRIDES + ["train.num_processes=2"])
+        assert summary["stages"] == {stage: "Completed" for stage in STAGES}
+        for stage in ("sft", "reward", "ppo"):
+            report = json.loads((root / "metrics" / f"{stage}.json").read_text())
+            assert report[f"{stage}/world_size"] == 2.0
+        assert json.loads((root / "metrics" / "eval.json").read_text())["world_size"] == 2
+        assert progress_lines(summary["prefect_flow_run_id"], "ppo")
+        # The ppo stage run holds every PPO step, logged by rank 0, nested under the parent.
+        client = MlflowClient()
+        (ppo_run,) = client.search_runs(
+            [summary["mlflow_experiment_id"]],
+            f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}' and tags.stage = 'ppo'")
+        assert ppo_run.info.status == "FINISHED"
+        steps = {m.step for m in client.get_metric_history(ppo_run.info.run_id, "objective/kl")}
+        assert steps == {1, 2}
+        assert ppo_run.data.metrics["resources/peak_rss_mb"] > 0
+        assert set(summary["resources"]) == set(STAGES) - {"register"}
+        again = run_flow(root, TINY_OVERRIDES + ["train.num_processes=2"])
+        assert again["stages"]["ppo"] == "Cached"
+    finally:
+        for key, value in old_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        mlflow.set_tracking_uri(old_uris[0])
+        mlflow.set_registry_uri(old_uris[1])
+
+
 # ---------------------------------------------------------------------------------------------
 # (d), (e): a real Prefect server, a served schedule, a deployment run by a worker
 
@@ -458,27 +529,3 @@ def test_prefect_yaml_deploys_a_git_clone_not_the_deploying_directory(real_serve
     clone = step["prefect.deployments.steps.git_clone"]
     assert clone["repository"] == "file:///srv/git/rlhf.git" and clone["branch"] == "nightly"
     assert str(project) not in json.dumps(deployment.pull_steps)
-
-
-def test_running_stages_show_progress_and_completions_in_prefect(first_run):
-    """What a user watching the Prefect UI sees: progress lines with an ETA in the ppo task's
-    logs, and the completions tables as artifacts."""
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, LogFilter
-    from prefect.client.schemas.filters import LogFilterFlowRunId
-
-    summary, _ = first_run
-    flow_run_id = summary["prefect_flow_run_id"]
-    deadline = time.monotonic() + 20
-    with get_client(sync_client=True) as client:
-        while True:
-            logs = [log.message for log in client.read_logs(log_filter=LogFilter(
-                flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
-            progress = [m for m in logs if m.startswith("ppo step") and "eta" in m]
-            if progress or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        assert progress, logs[-20:]
-        assert "kl" in progress[-1] and "score" in progress[-1] and "loss" in progress[-1]
-        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["ppo-completions", "eval-completions"])))}
-        assert keys == {"ppo-completions", "eval-completions"}
