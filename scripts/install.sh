@@ -125,7 +125,7 @@ install_torch() {
     exit 1
   }
   local got
-  got=$(python -c 'import torch; print(torch.__version__, "cuda" if torch.version.cuda else "cpu")')
+  got=$(python -c 'import torch; print(torch.__version__, "cuda" if torch.version.cuda else "cpu")' 2>/dev/null)
   if [ "${got#* }" != "$torch_want" ]; then
     echo "install.sh: warning: wanted the $(build_name "$torch_want") build of torch but got" \
          "torch ${got% *}, a $(build_name "${got#* }") build; RLHF_TORCH_CPU_INDEX or" \
