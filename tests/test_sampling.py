@@ -95,34 +95,77 @@ def test_sampled_logprobs_equal_the_scored_ones(shipped_model):
     assert (seen - scored).abs().max() > 0.05
 
 
-def test_generate_samples_what_was_checked(shipped_model):
-    """`generate` (what PPO, the reward normalisation and evaluate call) draws the same tokens
-    as the path checked above, with and without LoRA adapters around the model."""
+def test_generate_samples_what_ppo_scores(shipped_model):
+    """`generate` (what PPO, the reward normalisation and evaluate call) samples from
+    softmax(logits / T) of the model itself, with and without LoRA adapters around it: the
+    logits its sampler saw are those of a separate forward (the checkpoint's sampling fields
+    never touched them), and each token is argmax(those / T + the row's Gumbel noise)."""
     from rlhf.config import ModelConfig
-    from rlhf.data.tokenize import collate_sequences
+    from rlhf.generation import SeededGumbel
     from rlhf.models.lora import add_adapters
 
     tokenizer = load_tokenizer(shipped_model)
+    prompts = queries(tokenizer)
     for wrap in (False, True):
         model = load_causal_lm(shipped_model).eval()
         if wrap:
             model = add_adapters(model, ModelConfig(lora=True), "CAUSAL_LM").eval()
-        torch.manual_seed(1)
-        _, _, responses = generate(model, tokenizer, queries(tokenizer), 8, TEMPERATURE,
-                                   torch.device("cpu"))
-        query, mask = collate_sequences(queries(tokenizer), tokenizer.pad_token_id, "left")
-        config = sampling_config(tokenizer, 8, TEMPERATURE)
-        torch.manual_seed(1)
-        with torch.no_grad(), only_this_config(model, config):
-            expected = model.generate(input_ids=query, attention_mask=mask,
-                                      generation_config=config)[:, query.shape[1]:]
-        assert torch.equal(responses[:, :expected.shape[1]], expected)
+        sampler = SeededGumbel(7, range(len(prompts)), TEMPERATURE)
+        sampler.record = True
+        query, query_mask, responses = generate(model, tokenizer, prompts, 8, TEMPERATURE,
+                                                torch.device("cpu"), sampler=sampler)
+        steps = len(sampler.seen)
+        seen = torch.log_softmax(torch.stack(sampler.seen, 1), -1)  # (B, steps, V)
+        drawn = responses[:, :steps]
+        seen_logprobs = seen.gather(-1, drawn[..., None]).squeeze(-1)
+        responses = rl.truncate_after_eos(responses, tokenizer.eos_token_id,
+                                          tokenizer.pad_token_id)
+        mask = rl.mask_from_lengths(rl.response_lengths(responses, tokenizer.eos_token_id),
+                                    responses.shape[1])
+        with torch.no_grad():
+            logits = lm_logits(model, torch.cat([query, responses], 1),
+                               torch.cat([query_mask, mask.long()], 1))
+        scored, _ = response_logprobs(logits, responses, query.shape[1], TEMPERATURE)
+        valid = mask[:, :steps]
+        assert valid.sum() >= 8
+        torch.testing.assert_close(seen_logprobs[valid], scored[:, :steps][valid], atol=1e-5,
+                                   rtol=0)
+        assert model.generation_config.repetition_penalty == 1.1  # the model's own is restored
         # No suppressed token was ever drawn by the checked path either; nothing else checks
         # that the shipped suppress_tokens were ignored, so check the tokens can occur.
-        torch.manual_seed(2)
-        _, _, many = generate(model, tokenizer, queries(tokenizer) * 16, 8, TEMPERATURE,
-                              torch.device("cpu"))
+        _, _, many = generate(model, tokenizer, prompts * 16, 8, TEMPERATURE,
+                              torch.device("cpu"), seed=2)
         assert ((many >= 100) & (many < 200)).any()
+
+
+def test_gumbel_max_samples_follow_the_softmax():
+    """argmax(logits / T + Gumbel noise) is a sample of softmax(logits / T): frequencies over
+    40000 rows are within 4 standard errors of the probabilities."""
+    from rlhf.generation import SeededGumbel
+
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0, 0.5])
+    rows = 40_000
+    drawn = SeededGumbel(0, range(rows), TEMPERATURE)(None, logits.expand(rows, 5)).argmax(1)
+    frequency = torch.bincount(drawn, minlength=5).double() / rows
+    probability = torch.softmax(logits.double() / TEMPERATURE, 0)
+    standard_error = (probability * (1 - probability) / rows).sqrt()
+    assert ((frequency - probability).abs() <= 4 * standard_error).all(), (frequency, probability)
+
+
+def test_a_row_samples_the_same_whatever_batch_it_is_in(shipped_model):
+    """Row i draws its noise from the generator of (seed, i): sampling the batch in two
+    shards (two processes) gives what sampling it whole gives; another seed, other samples."""
+    model = load_causal_lm(shipped_model).eval()
+    tokenizer = load_tokenizer(shipped_model)
+    prompts = queries(tokenizer) * 2
+    cpu = torch.device("cpu")
+    _, _, whole = generate(model, tokenizer, prompts, 8, TEMPERATURE, cpu, seed=5)
+    _, _, first = generate(model, tokenizer, prompts[:3], 8, TEMPERATURE, cpu, seed=5)
+    _, _, rest = generate(model, tokenizer, prompts[3:], 8, TEMPERATURE, cpu, seed=5,
+                          first_row=3)
+    assert torch.equal(torch.cat([first, rest]), whole)
+    _, _, other = generate(model, tokenizer, prompts, 8, TEMPERATURE, cpu, seed=6)
+    assert not torch.equal(other, whole)
 
 
 @pytest.fixture
