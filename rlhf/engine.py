@@ -34,6 +34,12 @@ def make_accelerator(cfg: TrainConfig, seed_offset: int = 0) -> Accelerator:
                        dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """torch's AdamW with its fused kernel (one kernel per step over every tensor on CPU and
+    GPU alike; the default runs several ops per tensor, a tenth of a small model's step)."""
+    return torch.optim.AdamW(params, fused=True, **kwargs)
+
+
 def adamw_with_cosine_schedule(model: torch.nn.Module, cfg: Any, steps_per_epoch: int):
     """AdamW over the trainable parameters, with linear warmup then cosine decay over
     `cfg.epochs` passes of `steps_per_epoch` steps; returns (optimizer, scheduler, total steps).
@@ -41,8 +47,8 @@ def adamw_with_cosine_schedule(model: torch.nn.Module, cfg: Any, steps_per_epoch
     `cfg` is a stage section with `epochs`, `lr`, `weight_decay` and `warmup_ratio` (sft, reward).
     """
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                      weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     return optimizer, scheduler, total_steps

@@ -41,6 +41,9 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2LMH
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        # GPT-2's tanh-approximated GELU as one fused kernel: the same function as "gelu_new",
+        # whose eager implementation costs a fifth of the builtin model's training step.
+        activation_function="gelu_pytorch_tanh",
     )
     torch.manual_seed(cfg.seed)
     return GPT2LMHeadModel(config)

@@ -51,7 +51,7 @@ from rlhf.config import Params, PPOConfig
 from rlhf.data import builtin_sort
 from rlhf.data.tokenize import collate_sft, encode, encode_sft
 from rlhf import checkpoints as ckpt
-from rlhf.engine import make_accelerator
+from rlhf.engine import adamw, make_accelerator
 from rlhf.errors import DataError
 from rlhf.generation import decode_responses, derive_seed, generate
 from rlhf.io import atomic_dir, atomic_write_text, read_jsonl, write_json
@@ -364,8 +364,8 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     reward_model.to(device)
     gold = gold_reward_fn(params)
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  eps=1e-5, weight_decay=0.0)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5,
+                      weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, cfg.steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
