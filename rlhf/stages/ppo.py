@@ -49,7 +49,7 @@ from rlhf import rl_math as rl
 from rlhf.artifacts import require_model
 from rlhf.config import Params, PPOConfig
 from rlhf.data import builtin_sort
-from rlhf.data.tokenize import collate_sft, encode, encode_sft
+from rlhf.data.tokenize import IGNORE_INDEX, collate_sft, encode, encode_sft
 from rlhf import checkpoints as ckpt
 from rlhf.engine import adamw, make_accelerator
 from rlhf.errors import DataError
@@ -211,7 +211,7 @@ def ppo_update(model: PolicyAndValue, optimizer, accelerator, batch: Rollout,
             minibatch_tokens.append(tokens)
             mine = index[dist.shard_slice(len(index), accelerator)]
             demo = ptx_batches() if ptx_batches is not None else None  # the global ptx batch
-            demo_tokens = (demo["labels"][:, 1:] != -100).sum().item() if demo else 0
+            demo_tokens = (demo["labels"][:, 1:] != IGNORE_INDEX).sum().item() if demo else 0
             mine_demo = ({k: v[dist.shard_slice(len(v), accelerator)] for k, v in demo.items()}
                          if demo else None)
             sums = torch.zeros(len(STATS), dtype=torch.float64)
