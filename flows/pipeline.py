@@ -235,6 +235,7 @@ def _run_stage(stage: str, params: dict, root: str, parent_run_id: Optional[str]
     from flows.prefect_logging import stage_reporting
     from rlhf import stages
     from rlhf.checkpoints import resumable
+    from rlhf.io import read_json
     from rlhf.mlops import launch
     from rlhf.mlops.resources import measure
     from rlhf.tracking import NullLogger
@@ -268,10 +269,8 @@ def _run_stage(stage: str, params: dict, root: str, parent_run_id: Optional[str]
                                         run_id=logger.run_id if logger else None,
                                         track=logger is not None,
                                         on_line=logging.getLogger("rlhf.launch").info)
-                    from rlhf.io import read_json
-
-                    report = read_json(paths.metrics_file("eval" if stage == "evaluate" else stage),
-                                       produced_by=stage)
+                    written = paths.metrics_file("eval" if stage == "evaluate" else stage)
+                    report = read_json(written, produced_by=stage)
                     metrics = {k: v for k, v in report.items() if not isinstance(v, dict)}
                 else:
                     metrics = stages.get(stage)(parsed, paths, reporting)

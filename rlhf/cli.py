@@ -40,9 +40,11 @@ def _log_progress_lines() -> None:
     import logging
     import sys
 
+    from rlhf.mlops.launch import rank
+
     if sys.stderr.isatty() and not os.environ.get("RLHF_NO_PROGRESS"):
         return
-    if os.environ.get("RANK", "0") != "0":  # a launched group's rank 0 speaks for all
+    if rank() != 0:  # a launched group's rank 0 speaks for all
         return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -13,7 +13,8 @@ all-reduced.
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+import contextlib
+from typing import ContextManager, Sequence, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -36,6 +37,25 @@ def check_divisible(what: str, size: int, world_size: int, grad_accum: int,
         names = " x ".join(f"{name} ({n})" for name, n in parts.items())
         raise ParamsError(f"{what}={size} does not split evenly into {names} = {needed} "
                           f"parts; use a multiple of {needed}")
+
+
+def check_batches(stage: str, params, world_size: int) -> None:
+    """The global batches of `stage` split over `world_size` processes and `train.grad_accum`
+    micro-batches (PPO's minibatches too): checked by the stage, and before a launch."""
+    accum = params.train.grad_accum
+    if stage == "sft":
+        check_divisible("sft.batch_size", params.sft.batch_size, world_size, accum)
+    elif stage == "reward":
+        check_divisible("reward.batch_size", params.reward.batch_size, world_size, accum)
+    elif stage == "ppo":
+        check_divisible("ppo.batch_size", params.ppo.batch_size, world_size, accum,
+                        ppo__num_minibatches=params.ppo.num_minibatches)
+
+
+def sync_gradients_if(last: bool, accelerator: Accelerator, model) -> ContextManager:
+    """The context of one micro-batch's backward: DDP all-reduces the accumulated gradients
+    only after the `last` micro-batch of a step (`no_sync` before it)."""
+    return contextlib.nullcontext() if last else accelerator.no_sync(model)
 
 
 def shard_slice(size: int, accelerator: Accelerator) -> slice:

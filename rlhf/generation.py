@@ -22,7 +22,8 @@ import hashlib
 from typing import Iterator, Sequence
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
+from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList,
+                          PreTrainedTokenizerBase)
 
 from rlhf.data.tokenize import collate_sequences
 

@@ -99,20 +99,6 @@ def check_launchable(params: Params) -> None:
                           "installed; pip install -e '.[deepspeed]' (or drop the config for DDP)")
 
 
-def check_batches(stage: str, params: Params) -> None:
-    """The stage's global batch splits over the processes (before anything is launched)."""
-    from rlhf.distributed import check_divisible
-
-    world, accum = params.train.num_processes, params.train.grad_accum
-    if stage == "sft":
-        check_divisible("sft.batch_size", params.sft.batch_size, world, accum)
-    elif stage == "reward":
-        check_divisible("reward.batch_size", params.reward.batch_size, world, accum)
-    elif stage == "ppo":
-        check_divisible("ppo.batch_size", params.ppo.batch_size, world, accum,
-                        ppo__num_minibatches=params.ppo.num_minibatches)
-
-
 def launch_command(stage: str, params_file: Path, root: Path, params: Params) -> list[str]:
     """`accelerate launch` of `rlhf stage NAME` with `params.train`'s process settings."""
     n = str(params.train.num_processes)
@@ -132,8 +118,10 @@ def run_launched(stage: str, params: Params, root: Path, run_id: Optional[str] =
                  track: bool = True, on_line: Callable[[str], None] = print) -> None:
     """Run `stage` as a launched process group and wait for it; its output goes line by line
     to `on_line`. Raises UserError with the group's last error line if it fails."""
+    from rlhf.distributed import check_batches
+
     check_launchable(params)
-    check_batches(stage, params)
+    check_batches(stage, params, params.train.num_processes)  # before anything is launched
     root = Path(root).resolve()
     # The effective params (overrides applied), private: they may hold credentials.
     params_file = root / ".rlhf" / f"launch-{stage}-{os.getpid()}.yaml"

@@ -13,8 +13,8 @@ for every run on the same data, so runs stay comparable), kept in file order.
 
 With `train.num_processes` > 1 each rank samples and scores its share of the samples (each
 seeded by its index among all of them, so the figures do not depend on the world size); the
-main process gathers them and writes `metrics/eval.json`, `metrics/pass_at_k.csv` (its header only without a gold answer)
-and PNG plots in `plots/`.
+main process gathers them and writes `metrics/eval.json`, `metrics/pass_at_k.csv` (its header
+only without a gold answer) and PNG plots in `plots/`.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def sample_and_score(model, reference, reward_model, tokenizer, prompts: list[st
             out["length"] += lengths.tolist()
             out["eos"] += (responses == tokenizer.eos_token_id).any(1).tolist()
             bar.advance()
-    if accelerator is not None and accelerator.num_processes > 1:
+    if accelerator is not None:
         out = {key: dist.gather_list(accelerator, values) for key, values in out.items()}
     return out
 

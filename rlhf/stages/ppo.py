@@ -219,11 +219,9 @@ def ppo_update(model: PolicyAndValue, optimizer, accelerator, batch: Rollout,
             for i, part in enumerate(parts):
                 micro = mine[part]
                 mask = batch.mask[micro]
-                weight = mask.sum().item() / tokens  # this micro-batch's share of the tokens
-                # Gradients are all-reduced once, after the last micro-batch.
-                sync = (contextlib.nullcontext() if i == len(parts) - 1
-                        else accelerator.no_sync(model))
-                with sync:
+                n = mask.sum().item()
+                weight = n / tokens  # this micro-batch's share of the minibatch's tokens
+                with dist.sync_gradients_if(i == len(parts) - 1, accelerator, model):
                     logits, vpred = model(batch.query_responses[micro],
                                           batch.attention_mask[micro])
                     new_logprobs, scaled_logits = response_logprobs(
@@ -238,8 +236,7 @@ def ppo_update(model: PolicyAndValue, optimizer, accelerator, batch: Rollout,
                     loss = weight * (pg.loss + cfg.vf_coef * vf.loss - cfg.ent_coef * entropy)
                     ptx = torch.zeros(())
                     if mine_demo is not None:
-                        piece = {k: v[dist.micro_slices(len(v), grad_accum)[i]]
-                                 for k, v in mine_demo.items()}
+                        piece = {k: v[part] for k, v in mine_demo.items()}
                         policy = accelerator.unwrap_model(model).policy
                         ptx_logits = policy(
                             input_ids=piece["input_ids"], attention_mask=piece["attention_mask"],
@@ -248,7 +245,6 @@ def ppo_update(model: PolicyAndValue, optimizer, accelerator, batch: Rollout,
                         ptx = summed_token_nll(ptx_logits, piece["labels"]) / max(1, demo_tokens)
                         loss = loss + cfg.ptx_coef * ptx
                     accelerator.backward(loss * world)
-                n = mask.sum().item()
                 ratio_sq = pg.ratio_var * (n - 1) / n + pg.ratio_mean ** 2  # E[ratio^2]
                 sums += torch.tensor([weight * float(v.detach()) for v in (
                     pg.approxkl, pg.clipfrac, pg.loss, vf.loss, vf.clipfrac, entropy,
@@ -356,8 +352,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         raise DataError(f"{len(prompts)} RL prompts are fewer than ppo.batch_size "
                         f"({cfg.batch_size}); lower ppo.batch_size or add prompts")
     accelerator = make_accelerator(params.train, seed_offset=2)
-    dist.check_divisible("ppo.batch_size", cfg.batch_size, accelerator.num_processes,
-                         params.train.grad_accum, ppo__num_minibatches=cfg.num_minibatches)
+    dist.check_batches("ppo", params, accelerator.num_processes)
     device = accelerator.device
     tokenizer, model, reference, reward_model, reference_hash = load_models(params, paths)
     reference.to(device)  # with LoRA: the policy itself, which `prepare` moves

@@ -16,7 +16,6 @@ a rerun resumes exactly, mid-epoch included (`rlhf.checkpoints`).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -79,9 +78,7 @@ def accumulate_gradients(model, pairs: list, pad_token_id: int, accelerator,
     loss_sum, correct = 0.0, 0.0
     for i, part in enumerate(parts):
         input_ids, attention_mask = collate_pairs(mine[part], pad_token_id)
-        # Gradients are all-reduced once, after the last micro-batch.
-        sync = contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(model)
-        with sync:
+        with dist.sync_gradients_if(i == len(parts) - 1, accelerator, model):
             margins = pair_margins(model, input_ids.to(accelerator.device),
                                    attention_mask.to(accelerator.device))
             loss = -F.logsigmoid(margins).sum() / len(pairs)
@@ -118,8 +115,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                         f"most {len(train_rows)} or add pairs")
     trust = params.model.trust_remote_code
     accelerator = make_accelerator(params.train, seed_offset=1)
-    dist.check_divisible("reward.batch_size", cfg.batch_size, accelerator.num_processes,
-                         params.train.grad_accum)
+    dist.check_batches("reward", params, accelerator.num_processes)
     tokenizer = load_tokenizer(paths.sft, trust)
     model = ScalarHeadModel.from_causal_lm(paths.sft, trust)
     lora.prepare_for_training(model.trunk, params.model)

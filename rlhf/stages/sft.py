@@ -14,7 +14,6 @@ weights before saving, so `models/sft/` is a plain Hugging Face model either way
 
 from __future__ import annotations
 
-import contextlib
 import time
 from functools import partial
 from pathlib import Path
@@ -54,9 +53,7 @@ def accumulate_gradients(model, batch: dict, accelerator, grad_accum: int) -> fl
     total = 0.0
     for i, part in enumerate(parts):
         micro = {k: v[rows][part].to(accelerator.device) for k, v in batch.items()}
-        # Gradients are all-reduced once, after the last micro-batch.
-        sync = contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(model)
-        with sync:
+        with dist.sync_gradients_if(i == len(parts) - 1, accelerator, model):
             logits = model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"],
                            **position_kwargs(model, micro["attention_mask"]),
                            use_cache=False).logits
@@ -78,8 +75,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                         f"({cfg.batch_size}); lower sft.batch_size to at most {len(rows)} "
                         "or add demonstrations")
     accelerator = make_accelerator(params.train)
-    dist.check_divisible("sft.batch_size", cfg.batch_size, accelerator.num_processes,
-                         params.train.grad_accum)
+    dist.check_batches("sft", params, accelerator.num_processes)
     # Rank 0 writes models/base; the others read it once it is there.
     base = resolve_base_model(params.model, paths, write=accelerator.is_main_process)
     accelerator.wait_for_everyone()
