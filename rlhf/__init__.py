@@ -1,0 +1,1 @@
+"""rlhf: a reproducible PPO-RLHF pipeline (stages in rlhf.stages, glue in rlhf.mlops)."""

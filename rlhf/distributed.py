@@ -29,7 +29,7 @@ def check_divisible(what: str, size: int, world_size: int, grad_accum: int,
                     **other_parts: int) -> None:
     """A global batch must split evenly over processes, micro-batches (and e.g. minibatches)."""
     parts = {"train.num_processes": world_size, "train.grad_accum": grad_accum,
-             **{name.replace("__", "."): n for name, n in other_parts.items()}}
+             **other_parts}
     needed = 1
     for n in parts.values():
         needed *= n
@@ -40,16 +40,14 @@ def check_divisible(what: str, size: int, world_size: int, grad_accum: int,
 
 
 def check_batches(stage: str, params, world_size: int) -> None:
-    """The global batches of `stage` split over `world_size` processes and `train.grad_accum`
-    micro-batches (PPO's minibatches too): checked by the stage, and before a launch."""
-    accum = params.train.grad_accum
-    if stage == "sft":
-        check_divisible("sft.batch_size", params.sft.batch_size, world_size, accum)
-    elif stage == "reward":
-        check_divisible("reward.batch_size", params.reward.batch_size, world_size, accum)
-    elif stage == "ppo":
-        check_divisible("ppo.batch_size", params.ppo.batch_size, world_size, accum,
-                        ppo__num_minibatches=params.ppo.num_minibatches)
+    """The global batch of `stage` (its `batch` in the stage registry) splits over
+    `world_size` processes and `train.grad_accum` micro-batches: checked by the stage, and
+    before a launch."""
+    from rlhf.stages import info
+
+    if info(stage).batch is not None:
+        what, size, other_parts = info(stage).batch(params)
+        check_divisible(what, size, world_size, params.train.grad_accum, **other_parts)
 
 
 def sync_gradients_if(last: bool, accelerator: Accelerator, model) -> ContextManager:

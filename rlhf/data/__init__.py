@@ -1,0 +1,1 @@
+"""Preference and prompt data: sources, formats, validation, tokenisation."""

@@ -1,20 +1,33 @@
-"""DVC glue: record in-process outputs in dvc.lock, and read content hashes for lineage.
+"""DVC decides whether a stage runs; the flow runs it in-process and DVC records it.
 
-`rlhf run` executes the stage functions in-process (under Prefect) rather than through
-`dvc repro`, then runs `dvc commit` for the stages it ran. `dvc commit` hashes every
-stage's deps, params and outs and writes them to dvc.lock, exactly as `dvc repro` would
-have after running the same commands, so afterwards `dvc status` is clean and `dvc repro`
-has nothing to do.
+`dvc repro` would run each changed stage's `cmd` (`rlhf stage NAME`) in a new Python process,
+importing torch each time. The flow does what `dvc repro --pull` does for one stage, with the
+stage function called in this process instead of the command (`reproduce`):
+
+1. `Stage.changed()`: deps, params, outputs and command against dvc.lock. Unchanged: skipped.
+2. The run-cache: the same deps and params ran before, here or on a machine that pushed to
+   the default remote (`dvc push --run-cache`): its outputs are checked out. Skipped too.
+3. Otherwise DVC removes the stage's outputs, the stage runs, and DVC saves deps and outputs
+   to its cache, the run-cache and dvc.lock, exactly as after `dvc repro`.
+
+So `rlhf run`, a deployment on a worker and `dvc repro` share one answer: DVC's.
 """
 
 from __future__ import annotations
 
-import subprocess
+import contextlib
+import logging
 from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 import yaml
 
 from rlhf.errors import UserError
+
+UNCHANGED = "unchanged"
+RESTORED = "restored from the run-cache"
+RAN = "ran"
+_log = logging.getLogger("rlhf.dvc")
 
 
 def is_dvc_repo(root: str | Path) -> bool:
@@ -22,18 +35,69 @@ def is_dvc_repo(root: str | Path) -> bool:
     return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
 
 
-def record(root: str | Path, stages: list[str] | None = None) -> bool:
-    """`dvc commit` the given stages (all by default). False outside a DVC repo."""
-    if not is_dvc_repo(root):
-        return False
-    # Not --quiet: it silences the error line too, which the message below needs.
-    command = ["dvc", "commit", "--force", *(stages or [])]
-    result = subprocess.run(command, cwd=root, capture_output=True, text=True)
-    if result.returncode != 0:
-        detail = (result.stderr or result.stdout).strip().splitlines()
-        raise UserError(f"`{' '.join(command)}` failed in {root}: "
-                        f"{detail[-1] if detail else 'no output'}; run it by hand to see why")
-    return True
+@contextlib.contextmanager
+def _repo(root: Path) -> Iterator:
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo, repo.lock:
+            yield repo
+    except DvcException as exc:
+        raise UserError(f"DVC in {root}: {exc}; run `dvc status` there to see why") from None
+
+
+def _remote(repo) -> Optional[str]:
+    return repo.config["core"].get("remote")
+
+
+def _run_cacheable(stage) -> bool:
+    """What `dvc repro` saves to the run-cache: not a stage with an uncached output."""
+    return not any(not out.use_cache for out in stage.outs if not (out.is_metric or out.is_plot))
+
+
+def pull_run_cache(root: Path) -> bool:
+    """Fetch the run-cache of the default remote, if there is one (`dvc pull --run-cache`)."""
+    with _repo(root) as repo:
+        if not _remote(repo):
+            return False
+        repo.stage_cache.pull(None)
+        return True
+
+
+def reproduce(root: Path, name: str, run: Callable[[], None]) -> str:
+    """Bring stage `name` up to date (see the module docstring); returns UNCHANGED, RESTORED
+    or RAN. `run` runs the stage in this process."""
+    from dvc.stage.cache import RunCacheNotFoundError
+
+    with _repo(root) as repo:
+        stage = repo.stage.get_target(name)
+        if not stage.changed():
+            return UNCHANGED
+        try:
+            repo.stage_cache.restore(stage, pull=bool(_remote(repo)))
+            outcome = RESTORED
+        except RunCacheNotFoundError:
+            stage.remove_outs(ignore_remove=False, force=False)
+            outcome = RAN
+    if outcome == RAN:
+        run()
+    with _repo(root) as repo:
+        stage = repo.stage.get_target(name)
+        stage.save(run_cache=_run_cacheable(stage))
+        stage.commit()
+        stage.dump(update_pipeline=False)
+    return outcome
+
+
+def push(root: Path) -> bool:
+    """Send outputs and run-cache to the default remote, if there is one, so that another
+    machine's run skips what this one computed (`dvc push --run-cache`)."""
+    with _repo(root) as repo:
+        if not _remote(repo):
+            return False
+        repo.push(run_cache=True)
+        return True
 
 
 def artifact_hashes(root: str | Path) -> dict[str, str]:

@@ -32,7 +32,6 @@ from rlhf.io import atomic_write_text
 
 RUN_ID_ENV = "RLHF_STAGE_RUN_ID"
 """Set by the caller: the MLflow run the launched stage's rank 0 logs to."""
-LAUNCHED_STAGES = ("sft", "reward", "ppo", "evaluate")
 _log = logging.getLogger("rlhf.launch")
 
 
@@ -66,7 +65,9 @@ def in_launched_group() -> bool:
 
 def wants_launch(stage: str, params: Params) -> bool:
     """Whether `stage` must be started through the launcher from this process."""
-    return (stage in LAUNCHED_STAGES and params.train.num_processes > 1
+    from rlhf.stages import info
+
+    return (info(stage).launchable and params.train.num_processes > 1
             and not in_launched_group())
 
 

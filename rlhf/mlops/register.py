@@ -32,6 +32,11 @@ def lineage_tags(params: Params, paths: Paths, extra: Optional[Mapping[str, Any]
     return tags
 
 
+def run(params: Params, paths: Paths, logger=None) -> dict:
+    """The stage: register under the stage's MLflow run (`logger.run_id`)."""
+    return register(params, paths, parent_run_id=getattr(logger, "run_id", None))
+
+
 def register(params: Params, paths: Paths, parent_run_id: Optional[str] = None,
              tags: Optional[Mapping[str, Any]] = None) -> dict:
     """Log models/policy as a new version of `registry.model_name` with alias `candidate`,

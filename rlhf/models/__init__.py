@@ -1,0 +1,1 @@
+"""Models: loading any Hugging Face causal LM, the builtin small model, LoRA, value heads."""
