@@ -132,7 +132,7 @@ def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) ->
     if not use_dvc:
         logger.warning(f"{project} is not a DVC repository reading {params_file}: every stage "
                        "runs (`git init && dvc init` there lets DVC skip unchanged stages)")
-    to_run = [s for s in declared if track or not stages.info(s).needs_tracking]
+    to_run = declared if track else stages.COMPUTE_STAGES
     for crashed in prefect_runs.end_dead(project):
         logger.warning(f"flow run {crashed} was left Running by a process that is gone: "
                        "set Crashed")

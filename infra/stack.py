@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent  # mlflow, prefect and weed come with this interpreter
 SERVICES = ("postgres", "s3", "mlflow", "prefect", "worker")
-BUCKETS = ("mlflow", "dvc", "prefect")
+BUCKETS = ("mlflow", "dvc")
 WEED_PORTS = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc",
               "s3.grpc", "admin", "admin.grpc")
 """SeaweedFS's internal ports, RLHF_WEED_PORT_BASE + 0, 1, ... in this order."""
@@ -97,14 +97,12 @@ def urls(cfg: dict) -> dict:
 
 
 def client_env(cfg: dict, creds: dict) -> dict[str, str]:
-    """What a client (or a worker on any machine) needs; the S3 keys are for DVC and the
-    Prefect result storage only: MLflow clients go through the tracking server."""
+    """What a client (or a worker on any machine) needs; the S3 keys are for DVC only: MLflow clients go through the tracking server."""
     u = urls(cfg)
     return {"MLFLOW_TRACKING_URI": u["mlflow"], "PREFECT_API_URL": u["prefect"],
             "AWS_ACCESS_KEY_ID": creds["s3_access_key"],
             "AWS_SECRET_ACCESS_KEY": creds["s3_secret_key"],
             "AWS_ENDPOINT_URL_S3": u["s3"], "AWS_DEFAULT_REGION": "us-east-1",
-            "RLHF_RESULT_STORAGE": "s3://prefect/results",
             "RLHF_DVC_REMOTE": "s3://dvc/rlhf"}
 
 

@@ -186,7 +186,7 @@ def run_pipeline(root: Path, model_dir: Path, source: Path, *overrides: str):
     params = load_params(REPO / "params.yaml", TINY_OVERRIDES + [
         f"data.source={source}", f"model.name_or_path={model_dir}", *overrides])
     paths = Paths(root)
-    results = {name: stages.get(name)(params, paths) for name in stages.ORDER}
+    results = {name: stages.get(name)(params, paths) for name in stages.COMPUTE_STAGES}
     return params, paths, results
 
 

@@ -642,7 +642,7 @@ def test_pipeline_runs_end_to_end_on_an_explicit_jsonl(tmp_path, model_dir):
     params = load_params("params.yaml", TINY_OVERRIDES + [
         f"data.source={source}", f"model.name_or_path={model_dir}"])
     paths = Paths(tmp_path / "project")
-    results = {name: stages.get(name)(params, paths) for name in stages.ORDER}
+    results = {name: stages.get(name)(params, paths) for name in stages.COMPUTE_STAGES}
     assert results["prepare"]["data/rows_kept"] == 100
     assert results["sft"]["sft/loss_final"] < results["sft"]["sft/loss_first"]
     assert "reward/accuracy" in results["reward"]

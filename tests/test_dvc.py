@@ -1,13 +1,16 @@
 """The pipeline in a real DVC repository (a temp git repo): what a user does after cloning.
 
 `rlhf run` (the Prefect flow, through the CLI) leaves `dvc status` clean; `dvc repro` then has
-nothing to do; `dvc exp run -S ppo.kl_coef=...` reruns ppo, evaluate and register only;
-`dvc metrics diff` and `dvc plots show` work; `rlhf promote` refuses a version that fails the
-gate and promotes one that passes.
+nothing to do, and in a fresh clone produces the same bytes; a second `rlhf run` runs no stage;
+an edit to a module marks exactly the stages that import it; `dvc exp run -S ppo.kl_coef=...`
+reruns ppo, evaluate and register only; `dvc metrics diff` and `dvc plots show` work; `rlhf
+promote` refuses a version that fails the gate and promotes one that passes.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +19,11 @@ import pytest
 
 from rlhf.config import write_overrides
 
+from rlhf import stages
+from rlhf.mlops import dag
+
 from .conftest import clone_project, sh
+from .test_code_deps import import_closure
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +52,90 @@ def test_rlhf_run_registers_and_leaves_dvc_clean(after_run):
     repro = sh("dvc", "repro", cwd=root, env=env)
     assert "Running stage" not in repro.stdout
     assert "Data and pipelines are up to date" in repro.stdout
+
+
+def test_a_second_rlhf_run_runs_no_stage(after_run):
+    root, env, _ = after_run
+    before = {p: p.stat().st_mtime_ns for p in (root / "models").rglob("*")}
+    result = sh("rlhf", "run", cwd=root, env=env)
+    states = {line.split("|")[1].strip(): line.split("|")[2].strip()
+              for line in result.stdout.splitlines() if line.count("│") == 0 and "|" in line}
+    skipped = [line for line in result.stderr.splitlines() if "Skipped('DVC: unchanged'" in line]
+    assert len(skipped) == len(stages.REGISTRY), result.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (root / "models").rglob("*")} == before, states
+
+
+TIMING = ("seconds", "per_second", "throughput", "tokens_per")
+
+
+def _without_timing(value):
+    if isinstance(value, dict):
+        return {k: _without_timing(v) for k, v in value.items()
+                if not any(word in k for word in TIMING)}
+    return value
+
+
+def produced(root: Path) -> dict[str, object]:
+    """What the pipeline's stages wrote, by path: sha256 of files, JSON and CSV without the
+    timing fields. metrics/register.json is left out: its version and run id are the
+    registry's, another per clone."""
+    found: dict[str, object] = {}
+    for stage in dag.read(root).values():
+        for rel in stage.outputs:
+            base = root / rel
+            for path in sorted(base.rglob("*")) if base.is_dir() else [base]:
+                name = path.relative_to(root).as_posix()
+                if not path.is_file() or name == "metrics/register.json":
+                    continue
+                if path.suffix == ".json":
+                    found[name] = _without_timing(json.loads(path.read_text()))
+                elif path.suffix == ".csv":
+                    rows = list(csv.DictReader(path.read_text().splitlines()))
+                    found[name] = [_without_timing(row) for row in rows]
+                else:
+                    found[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def test_dvc_repro_in_a_fresh_clone_gives_the_bytes_rlhf_run_gave(after_run, tmp_path_factory):
+    root, _, _ = after_run
+    other = tmp_path_factory.mktemp("repro-clone")
+    env = clone_project(other)
+    sh("dvc", "repro", cwd=other, env=env)
+    ours, theirs = produced(root), produced(other)
+    assert sorted(ours) == sorted(theirs)
+    assert any(name.endswith("model.safetensors") for name in ours)
+    different = [name for name in ours if ours[name] != theirs[name]]
+    assert not different, different
+
+
+def _changed_stages(root: Path) -> set[str]:
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return {name.split(":")[-1] for name in repo.status()}
+
+
+def test_an_edit_to_a_module_changes_exactly_the_stages_that_import_it(after_run):
+    """Every package module some stage imports, edited in turn: DVC names the stages whose
+    import closure holds it and no other. `dvc status` itself for rlhf/distributed.py, which
+    every training stage imports."""
+    root, env, _ = after_run
+    closures = {name: import_closure(info.module) for name, info in stages.REGISTRY.items()}
+    for module in sorted(set().union(*closures.values())):
+        path = root / module
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# edited\n")
+        try:
+            expected = {name for name, files in closures.items() if module in files}
+            assert _changed_stages(root) == expected, module
+            if module == "rlhf/distributed.py":
+                status = sh("dvc", "status", cwd=root, env=env).stdout
+                for stage in ("sft", "reward", "ppo", "evaluate"):
+                    assert f"{stage}:" in status, status
+        finally:
+            path.write_bytes(original)
+    assert _changed_stages(root) == set()
 
 
 def test_exp_run_reruns_only_what_depends_on_kl_coef(after_run):
@@ -101,7 +192,8 @@ def test_parent_run_and_model_version_carry_lineage(after_run):
 
 
 def test_dvc_repro_killed_in_ppo_resumes_from_its_checkpoint(after_run):
-    """persist: true keeps checkpoints/ppo across `dvc repro`, so a rerun resumes."""
+    """checkpoints/ppo is no output of the stage, so `dvc repro` leaves it, and a rerun
+    resumes."""
     from rlhf import checkpoints as ckpt
 
     from .test_resume import kill_after_first_checkpoint

@@ -1,5 +1,5 @@
 """The Prefect flows for real: a temporary Prefect server, an MLflow SQLite store in a
-temporary project, the tiny profile. No mocks.
+temporary project (a clone of this repository, so a DVC repository), the tiny profile. No mocks.
 
 (a)-(c) run the flow in this process against `prefect_test_harness`. (d) and (e) need a server
 that runs Prefect's scheduler (the harness's ephemeral server does not), so they start
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO, TINY_OVERRIDES
+from .conftest import REPO, TINY_OVERRIDES, clone_project
 
 prefect = pytest.importorskip("prefect")
 mlflow = pytest.importorskip("mlflow")
@@ -33,13 +33,14 @@ from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from flows.pipeline import RESULTS_DIR, STAGES, promote_flow, rlhf_pipeline  # noqa: E402
-from rlhf import stages as stage_functions  # noqa: E402
+from flows.pipeline import promote_flow, rlhf_pipeline  # noqa: E402
 from rlhf.config import Params  # noqa: E402
 from rlhf.errors import ParamsError, UserError  # noqa: E402
 from rlhf.mlops import dag  # noqa: E402
+from rlhf.stages import REGISTRY  # noqa: E402
 
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+STAGES = tuple(REGISTRY)
 UPSTREAM_STAGES = ("prepare", "sft", "reward", "reference")
 DOWNSTREAM_STAGES = ("ppo", "evaluate", "register")
 
@@ -55,16 +56,32 @@ def prefect_harness():
         yield
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, prefect_harness):
-    """A project directory with the repo's params.yaml; MLflow's store is its mlflow.db."""
-    root = tmp_path_factory.mktemp("flow-project")
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+@pytest.fixture
+def mlflow_store():
+    """Point MLflow at the project the test names (`rlhf_pipeline` configures it), and put
+    this process's MLflow settings back afterwards."""
     old_uris = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     # mlflow.set_tracking_uri/set_registry_uri (called by the flow) also write these variables.
-    old_env = {key: os.environ.get(key) for key in MLFLOW_ENV}
+    old_env = {key: os.environ.pop(key, None) for key in MLFLOW_ENV}
+    try:
+        yield
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(old_uris[0])
+        mlflow.set_registry_uri(old_uris[1])
+        for key, value in old_env.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, prefect_harness):
+    """A clone of this repository on the tiny profile; MLflow's store is its mlflow.db."""
+    root = tmp_path_factory.mktemp("flow-project")
+    clone_project(root)
+    old_env = {key: os.environ.pop(key, None) for key in MLFLOW_ENV}
+    old_uris = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    os.environ.pop("MLFLOW_REGISTRY_URI", None)
     try:
         yield root
     finally:
@@ -100,7 +117,7 @@ def task_run_states(flow_run_id: str, expected: int, timeout: float = 20.0) -> d
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
             states = {run.name: run.state.name for run in runs if run.state}
             done = len(states) >= expected and all(
-                s in ("Completed", "Cached", "Failed") for s in states.values())
+                s in ("Completed", "Skipped", "Failed") for s in states.values())
             if done or time.monotonic() > deadline:
                 return states
             time.sleep(0.5)
@@ -108,9 +125,7 @@ def task_run_states(flow_run_id: str, expected: int, timeout: float = 20.0) -> d
 
 @pytest.fixture(scope="module")
 def first_run(project):
-    started = time.monotonic()
-    summary = run_flow(project, TINY_OVERRIDES)
-    return summary, time.monotonic() - started
+    return run_flow(project, ["ppo.kl_coef=0.15"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +133,7 @@ def first_run(project):
 
 
 def test_pipeline_runs_every_stage_and_registers(first_run, project):
-    summary, _ = first_run
+    summary = first_run
     assert summary["stages"] == {stage: "Completed" for stage in STAGES}
     assert summary["model_name"] == "rlhf-policy"
     assert summary["model_version"] >= 1
@@ -128,14 +143,16 @@ def test_pipeline_runs_every_stage_and_registers(first_run, project):
         f"/runs/{summary['mlflow_run_id']}")
     registered = json.loads((project / "metrics" / "register.json").read_text())
     assert registered["version"] == summary["model_version"]
-    # The overrides were written into the params file, so it describes what was produced.
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    assert params["ppo"]["steps"] == 2 and params["model"]["n_layer"] == 1
-    assert len(list((project / RESULTS_DIR).iterdir())) == len(STAGES)
+    # The override stays in the params file, so it describes what was produced, and DVC
+    # recorded the run: nothing left to reproduce.
+    assert yaml.safe_load((project / "params.yaml").read_text())["ppo"]["kl_coef"] == 0.15
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(STAGES) and lock["ppo"]["params"]["params.yaml"]["ppo"]["kl_coef"] == 0.15
+    assert not (project / ".prefect-results").exists()
 
 
 def test_pipeline_creates_artifacts(first_run):
-    summary, _ = first_run
+    summary = first_run
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             flow_run_filter=FlowRunFilter(
@@ -144,9 +161,10 @@ def test_pipeline_creates_artifacts(first_run):
     assert {"rlhf-eval", "rlhf-mlflow-run", "rlhf-pass-at-k"} <= set(by_key)
     assert by_key["rlhf-eval"].type == "markdown"
     assert "gold_reward" in by_key["rlhf-eval"].data
+    assert "mlflow ui --backend-store-uri sqlite:///" in by_key["rlhf-eval"].data
+    assert "| ppo | Completed |" in by_key["rlhf-eval"].data
     # Prefect 3 stores a link artifact as markdown: "[text](url)".
     assert f"({summary['mlflow_run_url']})" in by_key["rlhf-mlflow-run"].data
-    assert "mlflow ui --backend-store-uri sqlite:///" in by_key["rlhf-mlflow-run"].description
     assert by_key["rlhf-pass-at-k"].type == "table"
     rows = json.loads(by_key["rlhf-pass-at-k"].data)
     assert [row["k"] for row in rows] == [1, 2, 4, 8]
@@ -154,7 +172,7 @@ def test_pipeline_creates_artifacts(first_run):
 
 
 def test_mlflow_parent_run_with_nested_stage_runs(first_run):
-    summary, _ = first_run
+    summary = first_run
     client = MlflowClient()
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
@@ -169,10 +187,12 @@ def test_mlflow_parent_run_with_nested_stage_runs(first_run):
     ppo_run = next(run for run in children if run.info.run_name == "ppo")
     history = client.get_metric_history(ppo_run.info.run_id, "objective/kl")
     assert sorted({metric.step for metric in history}) == [1, 2]
+    assert ppo_run.data.metrics["resources/wall_seconds"] > 0
+    assert set(summary["resources"]["ppo"]) >= {"wall_seconds", "peak_rss_mb"}
 
 
 def test_promote_flow_returns_the_decision(first_run, project):
-    summary, _ = first_run
+    summary = first_run
     decision = promote_flow(params_file=str(project / "params.yaml"), root=str(project))
     assert decision["version"] == summary["model_version"]
     assert decision["model_name"] == "rlhf-policy"
@@ -180,62 +200,73 @@ def test_promote_flow_returns_the_decision(first_run, project):
     assert decision["promoted"] == (not decision["reasons"])
 
 
+def test_running_stages_show_progress_and_completions_in_prefect(first_run):
+    """What a user watching the Prefect UI sees: progress lines with an ETA in the ppo task's
+    logs, and the completions tables as artifacts."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    progress = progress_lines(first_run["prefect_flow_run_id"], "ppo")
+    assert "kl" in progress[-1] and "score" in progress[-1] and "loss" in progress[-1]
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["ppo-completions", "eval-completions"])))}
+    assert keys == {"ppo-completions", "eval-completions"}
+
+
 # ---------------------------------------------------------------------------------------------
-# (b) caching: nothing reruns when nothing changed; a param reruns exactly its stage and below
+# (b) DVC decides: nothing reruns when nothing changed; a param reruns its stage and below
 
 
-def test_unchanged_second_run_is_cached(first_run, project):
-    summary, first_seconds = first_run
+def test_unchanged_second_run_runs_no_stage(first_run, project):
     before = output_mtimes(project, STAGES)
-    started = time.monotonic()
-    again = run_flow(project, TINY_OVERRIDES)
-    seconds = time.monotonic() - started
-    assert again["stages"] == {stage: "Cached" for stage in STAGES}
+    again = run_flow(project)
+    assert again["stages"] == {stage: "Skipped" for stage in STAGES}
     assert output_mtimes(project, STAGES) == before
-    assert again["model_version"] == summary["model_version"]
-    assert again["eval"] == summary["eval"]
+    assert again["model_version"] == first_run["model_version"]
+    assert again["eval"] == first_run["eval"]
     assert task_run_states(again["prefect_flow_run_id"], len(STAGES)) == {
-        stage: "Cached" for stage in STAGES}
-    assert seconds < first_seconds
-    # A cached stage opens no MLflow run; the parent says which stages were cached.
+        stage: "Skipped" for stage in STAGES}
+    # A skipped stage opens no MLflow run; the parent says which stages were skipped.
     parent = MlflowClient().get_run(again["mlflow_run_id"])
-    assert parent.data.tags["stages.cached"] == ",".join(STAGES)
+    assert parent.data.tags["stages.skipped"] == ",".join(STAGES)
 
 
-def test_cache_is_not_used_when_outputs_are_missing_or_changed(first_run, project):
-    """A deleted output reruns its stage; an output edited by hand is recomputed. Identical
-    bytes out of a rerun leave the stages below cached (keys hash input contents)."""
+def test_deleted_or_edited_outputs_come_back_from_dvcs_cache(first_run, project):
+    """What DVC has run before it restores instead of recomputing: a deleted model and a
+    metrics file edited by hand are checked out again, byte for byte."""
+    reference = project / "models" / "reference" / "model.safetensors"
+    weights = reference.read_bytes()
     shutil.rmtree(project / "models" / "reference")
     eval_file = project / "metrics" / "eval.json"
     original = eval_file.read_bytes()
     eval_file.write_text('{"edited": "by hand"}\n')
     summary = run_flow(project)
-    assert summary["stages"]["reference"] == "Completed"
-    assert summary["stages"]["evaluate"] == "Completed"
-    assert eval_file.read_bytes() == original
-    for stage in ("prepare", "sft", "reward", "ppo"):
-        assert summary["stages"][stage] == "Cached", stage
+    assert summary["stages"] == {stage: "Skipped" for stage in STAGES}
+    assert reference.read_bytes() == weights and eval_file.read_bytes() == original
 
 
 def test_changing_kl_coef_reruns_only_ppo_and_below(first_run, project):
-    summary, _ = first_run
     before = output_mtimes(project, UPSTREAM_STAGES)
     policy_before = output_mtimes(project, ["ppo"])
     changed = run_flow(project, ["ppo.kl_coef=0.05"])
-    assert changed["stages"] == {**{s: "Cached" for s in UPSTREAM_STAGES},
+    assert changed["stages"] == {**{s: "Skipped" for s in UPSTREAM_STAGES},
                                  **{s: "Completed" for s in DOWNSTREAM_STAGES}}
     assert output_mtimes(project, UPSTREAM_STAGES) == before
     assert output_mtimes(project, ["ppo"]) != policy_before
-    assert changed["model_version"] > summary["model_version"]
+    assert changed["model_version"] > first_run["model_version"]
     assert yaml.safe_load((project / "params.yaml").read_text())["ppo"]["kl_coef"] == 0.05
     children = MlflowClient().search_runs(
         [changed["mlflow_experiment_id"]],
         filter_string=f"tags.mlflow.parentRunId = '{changed['mlflow_run_id']}'")
     assert sorted(run.info.run_name for run in children) == sorted(DOWNSTREAM_STAGES)
+    # Back to the first value: DVC's run-cache has that ppo run, nothing is recomputed.
+    back = run_flow(project, ["ppo.kl_coef=0.15"])
+    assert {s: back["stages"][s] for s in ("ppo", "evaluate")} == {
+        "ppo": "Skipped", "evaluate": "Skipped"}
 
 
 # ---------------------------------------------------------------------------------------------
-# (c) bad params end the flow before any task, with the one-line message
+# (c) bad params or a bad dvc.yaml end the flow before any task, with the one-line message
 
 
 def test_params_error_fails_before_any_task(project):
@@ -251,13 +282,11 @@ def test_params_error_fails_before_any_task(project):
     assert task_run_states(str(state.state_details.flow_run_id), 0, timeout=0) == {}
 
 
-def test_the_flow_runs_the_dag_dvc_yaml_declares():
-    """dvc.yaml is the one declaration of the DAG: the flow has a task for each of its stages
-    (in its order, each after its upstream), each stage's params name real params, and each
-    dep is either code in the repository or an output of a stage before it."""
+def test_dvc_yaml_names_real_params_and_deps():
+    """Each stage's params name real params, and each dep is either code in the repository or
+    an output of a stage before it."""
     declared = dag.read(REPO)
     assert dag.dag_file(REPO) == REPO / "dvc.yaml"
-    assert tuple(declared) == STAGES == (*stage_functions.ORDER, "register")
     sections = Params.model_fields
     for stage in declared.values():
         for key in stage.params:
@@ -267,10 +296,8 @@ def test_the_flow_runs_the_dag_dvc_yaml_declares():
         produced = {out: up for up in stage.upstream for out in declared[up].outputs}
         for dep in stage.deps:
             assert (REPO / dep).exists() or any(dag._covers(out, dep) for out in produced), dep
-    # The edges and outputs the flow reads, spot-checked against what the stages really do.
     assert declared["ppo"].upstream == ("prepare", "sft", "reward", "reference")
     assert declared["register"].upstream == ("ppo", "evaluate")
-    assert "checkpoints/ppo" not in declared["ppo"].outputs  # persist: resumable, not a product
     assert "metrics/ppo.json" in declared["ppo"].outputs  # a cache: false metric is one
 
 
@@ -294,7 +321,7 @@ stages:
         dag.parse({"stages": {"b": {"deps": ["x"]}, "c": {"outs": ["x"]}}})
 
 
-def test_a_dvc_yaml_that_disagrees_with_the_flow_stops_it(tmp_path, prefect_harness):
+def test_a_dvc_yaml_that_disagrees_with_the_registry_stops_it(tmp_path, prefect_harness):
     """A project whose dvc.yaml declares other stages fails before any task runs."""
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     document = yaml.safe_load((REPO / "dvc.yaml").read_text())
@@ -324,59 +351,35 @@ def progress_lines(flow_run_id: str, stage: str, timeout: float = 20.0) -> list[
             time.sleep(0.5)
 
 
-def test_running_stages_show_progress_and_completions_in_prefect(first_run):
-    """What a user watching the Prefect UI sees: progress lines with an ETA in the ppo task's
-    logs, and the completions tables as artifacts. (Before the tests of `real_server`, which
-    points this process's Prefect client at another server for the rest of the module.)"""
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    summary, _ = first_run
-    progress = progress_lines(summary["prefect_flow_run_id"], "ppo")
-    assert "kl" in progress[-1] and "score" in progress[-1] and "loss" in progress[-1]
-    with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["ppo-completions", "eval-completions"])))}
-    assert keys == {"ppo-completions", "eval-completions"}
-
-
-def test_multi_process_stages_run_launched_under_the_flow(tmp_path, prefect_harness):
+@pytest.mark.slow
+def test_multi_process_stages_run_launched_under_the_flow(tmp_path, prefect_harness,
+                                                          mlflow_store):
     """train.num_processes=2: each training stage and evaluate runs as its own launched
     process group from its task; rank 0 logs to the task's MLflow stage run, the group's
-    progress reaches the task's Prefect logs, the cache still works, and the figures are the
-    ones a one-process flow gets (a second project, same params)."""
+    progress reaches the task's Prefect logs, and DVC skips the stages on a second run."""
     root = tmp_path / "two"
     root.mkdir()
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    old_env = {key: os.environ.get(key) for key in MLFLOW_ENV}
-    old_uris = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    try:
-        summary = run_flow(root, TINY_OVERRIDES + ["train.num_processes=2"])
-        assert summary["stages"] == {stage: "Completed" for stage in STAGES}
-        for stage in ("sft", "reward", "ppo"):
-            report = json.loads((root / "metrics" / f"{stage}.json").read_text())
-            assert report[f"{stage}/world_size"] == 2.0
-        assert json.loads((root / "metrics" / "eval.json").read_text())["world_size"] == 2
-        assert progress_lines(summary["prefect_flow_run_id"], "ppo")
-        # The ppo stage run holds every PPO step, logged by rank 0, nested under the parent.
-        client = MlflowClient()
-        (ppo_run,) = client.search_runs(
-            [summary["mlflow_experiment_id"]],
-            f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}' and tags.stage = 'ppo'")
-        assert ppo_run.info.status == "FINISHED"
-        steps = {m.step for m in client.get_metric_history(ppo_run.info.run_id, "objective/kl")}
-        assert steps == {1, 2}
-        assert ppo_run.data.metrics["resources/peak_rss_mb"] > 0
-        assert set(summary["resources"]) == set(STAGES) - {"register"}
-        again = run_flow(root, TINY_OVERRIDES + ["train.num_processes=2"])
-        assert again["stages"]["ppo"] == "Cached"
-    finally:
-        for key, value in old_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        mlflow.set_tracking_uri(old_uris[0])
-        mlflow.set_registry_uri(old_uris[1])
+    clone_project(root)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    summary = run_flow(root, ["train.num_processes=2"])
+    assert summary["stages"] == {stage: "Completed" for stage in STAGES}
+    for stage in ("sft", "reward", "ppo"):
+        report = json.loads((root / "metrics" / f"{stage}.json").read_text())
+        assert report[f"{stage}/world_size"] == 2.0
+    assert json.loads((root / "metrics" / "eval.json").read_text())["world_size"] == 2
+    assert progress_lines(summary["prefect_flow_run_id"], "ppo")
+    # The ppo stage run holds every PPO step, logged by rank 0, nested under the parent.
+    client = MlflowClient()
+    (ppo_run,) = client.search_runs(
+        [summary["mlflow_experiment_id"]],
+        f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}' and tags.stage = 'ppo'")
+    assert ppo_run.info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(ppo_run.info.run_id, "objective/kl")}
+    assert steps == {1, 2}
+    assert ppo_run.data.metrics["resources/peak_rss_mb"] > 0
+    assert set(summary["resources"]) == set(STAGES)
+    again = run_flow(root)
+    assert set(again["stages"].values()) == {"Skipped"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,20 +43,3 @@ def test_compose_publishes_on_loopback_and_holds_no_secret():
             if any(word in key for word in ("PASSWORD", "SECRET", "ACCESS_KEY")):
                 assert str(value).startswith("${"), (name, key)  # from infra/.env
     assert "/infra/.env" in (REPO / ".gitignore").read_text()
-
-
-def test_shared_result_storage_without_s3_credentials_says_what_to_do(monkeypatch, tmp_path):
-    from flows.results import results_location
-    from rlhf.errors import UserError
-
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("RLHF_RESULT_STORAGE", "s3://prefect/results")
-    with pytest.raises(UserError) as error:
-        results_location(tmp_path)
-    assert "source infra/env.sh" in str(error.value) and "\n" not in str(error.value)
-    monkeypatch.delenv("RLHF_RESULT_STORAGE")
-    assert results_location(tmp_path) == tmp_path / ".prefect-results"

@@ -1,4 +1,4 @@
-"""Secrets and the result cache, for real: `rlhf run` in a subprocess with its temporary
+"""Secrets, for real: `rlhf run` in a subprocess with its temporary
 Prefect server (database in a temporary PREFECT_HOME) and a local MLflow store; every byte
 those leave on disk is searched for the credential.
 """
@@ -20,7 +20,6 @@ from .conftest import REPO, TINY_OVERRIDES
 pytest.importorskip("prefect")
 pytest.importorskip("mlflow")
 
-from rlhf.mlops.safe_results import problem  # noqa: E402
 from rlhf.redact import redact_override, redact_text  # noqa: E402
 
 SECRET = "Sekr3t-pw-0451"
@@ -80,84 +79,18 @@ def test_a_credential_in_an_override_is_never_stored_in_clear(project):
     assert state == "FAILED"
 
 
-EVIL = '''
-import os, pathlib, sys
-class Evil:
-    def __reduce__(self):
-        return (pathlib.Path.touch, (pathlib.Path(sys.argv[1]),))
-from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
-from prefect.serializers import Serializer
-record = ResultRecord(metadata=ResultRecordMetadata(serializer=Serializer(type="pickle")),
-                      result=Evil())
-pathlib.Path(sys.argv[2]).write_bytes(record.serialize())
-'''
-
-
-def test_a_hand_edited_pickle_record_is_refused_never_loaded(project, tmp_path):
-    """A record in the result cache whose serializer was changed to pickle, with a payload
-    that creates a file when unpickled: `rlhf run` stops with one line, the file is not
-    created. (Prefect itself would run it: checked first in a separate process.) Once the
-    record is deleted, `rlhf run --no-track` runs the pipeline without MLflow."""
-    results = project / ".prefect-results"
-    results.mkdir()
-    record = results / "prepare-0123456789abcdef"
-    marker = tmp_path / "pwned"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "scratch-home"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    subprocess.run([sys.executable, "-c", EVIL, str(marker), str(record)], check=True, env=env)
-    assert "pickle" in problem(record.read_bytes())
-
-    proof = tmp_path / "proof"  # the payload is live: Prefect's own reader runs it
-    subprocess.run([sys.executable, "-c", "import sys, pathlib\n"
-                    "from prefect._internal.result_records import ResultRecord\n"
-                    "ResultRecord.deserialize(pathlib.Path(sys.argv[1]).read_bytes())",
-                    str(record)], check=True, env=env)
-    assert marker.exists()
-    marker.rename(proof)
-
-    result = run_cli(project, "run", "--no-track")
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert lines[-1].startswith("error: result record") and "'pickle'" in lines[-1]
-    assert ".prefect-results/prepare-0123456789abcdef" in lines[-1]
-    assert "Traceback" not in result.stderr
-    assert not marker.exists()
-
-    # Deleted as the line says, the cache rebuilds; --no-track runs every stage without MLflow.
-    record.unlink()
+def test_no_track_runs_every_stage_without_mlflow_and_pickles_nothing(project):
+    """`rlhf run --no-track` in a directory that is no DVC repository: every stage runs,
+    nothing reaches MLflow, and Prefect persisted no result (the flow keeps none)."""
     sets = [arg for override in TINY_OVERRIDES for arg in ("--set", override)]
     result = run_cli(project, "run", "--no-track", *sets)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()
     assert (project / "metrics" / "eval.json").exists()
     assert not (project / "metrics" / "register.json").exists()
+    assert "not a DVC repository" in result.stderr
     assert "Error logging to API" not in result.stderr  # logs sent before the server stopped
-    assert not marker.exists()
-
-
-def test_json_records_that_import_classes_are_refused():
-    good = {"metadata": {"serializer": {"type": "json"}, "storage_key": "k"},
-            "result": json.dumps({"stage": "prepare", "hash": "ab"})}
-    assert problem(json.dumps(good).encode()) is None
-    decoder = json.loads(json.dumps(good))
-    decoder["metadata"]["serializer"]["object_decoder"] = "builtins.eval"
-    assert problem(json.dumps(decoder).encode()) == "its JSON serializer was changed"
-    marked = {**good, "result": json.dumps({"x": {"__class__": "os.system", "data": "id"}})}
-    assert problem(json.dumps(marked).encode()) == "its result names Python classes to import"
-    assert problem(b"\x80\x04not json") == "it is not JSON"
-
-
-def test_check_record_refuses_only_the_bad_record(tmp_path):
-    """The per-task check (any result storage): a missing record is fine, a JSON one passes,
-    one whose serializer says pickle is refused without being loaded."""
-    from rlhf.mlops.safe_results import UnsafeResultError, check_record
-
-    good = {"metadata": {"serializer": {"type": "json"}}, "result": json.dumps({"a": 1})}
-    (tmp_path / "good").write_text(json.dumps(good))
-    bad = {"metadata": {"serializer": {"type": "pickle", "picklelib": "cloudpickle"}},
-           "result": "gAWVCgAAAAAAAAB9lIwBYZRLAXMu\n"}
-    (tmp_path / "bad").write_text(json.dumps(bad))
-    check_record(tmp_path, "missing", "cache")
-    check_record(tmp_path, "good", "cache")
-    with pytest.raises(UnsafeResultError, match=r"cache/bad .*'pickle'"):
-        check_record(tmp_path, "bad", "cache")
+    stored = [p for p in (project / "prefect-home").rglob("*") if p.is_file()
+              and p.name != "prefect.db" and not p.name.startswith(("prefect.db-", "profiles"))]
+    assert stored == [], stored
+    assert not (project / ".prefect-results").exists()

@@ -27,7 +27,7 @@ def pipeline(tmp_path_factory):
     params = load_params("params.yaml", TINY_OVERRIDES)
     paths = Paths(root)
     results, logs = {}, {}
-    for name in stages.ORDER:
+    for name in stages.COMPUTE_STAGES:
         logs[name] = RecordingLogger()
         results[name] = stages.get(name)(params, paths, logs[name])
     return params, paths, results, logs

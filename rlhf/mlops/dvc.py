@@ -7,8 +7,10 @@ stage function called in this process instead of the command (`reproduce`):
 1. `Stage.changed()`: deps, params, outputs and command against dvc.lock. Unchanged: skipped.
 2. The run-cache: the same deps and params ran before, here or on a machine that pushed to
    the default remote (`dvc push --run-cache`): its outputs are checked out. Skipped too.
-3. Otherwise DVC removes the stage's outputs, the stage runs, and DVC saves deps and outputs
-   to its cache, the run-cache and dvc.lock, exactly as after `dvc repro`.
+3. Otherwise the stage runs, and DVC saves deps and outputs to its cache, the run-cache and
+   dvc.lock, exactly as after `dvc repro`.
+
+Before 2 and 3 the stage's outputs are removed, as `dvc repro` does before it runs a stage.
 
 So `rlhf run`, a deployment on a worker and `dvc repro` share one answer: DVC's.
 """
@@ -16,7 +18,8 @@ So `rlhf run`, a deployment on a worker and `dvc repro` share one answer: DVC's.
 from __future__ import annotations
 
 import contextlib
-import logging
+import os
+import re
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -27,12 +30,27 @@ from rlhf.errors import UserError
 UNCHANGED = "unchanged"
 RESTORED = "restored from the run-cache"
 RAN = "ran"
-_log = logging.getLogger("rlhf.dvc")
 
 
 def is_dvc_repo(root: str | Path) -> bool:
     root = Path(root)
     return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
+
+
+REMOTE_ENV = "RLHF_DVC_REMOTE"
+"""A DVC remote URL (e.g. s3://dvc/rlhf) that the flow pulls from and pushes to, in place of
+the project's default remote: how a worker's fresh git clone shares a team's store. S3
+credentials and endpoint come from the usual AWS_* variables."""
+
+
+def _env_remote() -> Optional[dict]:
+    url = os.environ.get(REMOTE_ENV, "").strip()
+    if not url:
+        return None
+    remote = {"url": url}
+    if os.environ.get("AWS_ENDPOINT_URL_S3"):
+        remote["endpointurl"] = os.environ["AWS_ENDPOINT_URL_S3"]
+    return {"core": {"remote": "rlhf-env"}, "remote": {"rlhf-env": remote}}
 
 
 @contextlib.contextmanager
@@ -41,10 +59,12 @@ def _repo(root: Path) -> Iterator:
     from dvc.repo import Repo
 
     try:
-        with Repo(str(root)) as repo, repo.lock:
+        # DVC resolves targets and paths against the working directory.
+        with contextlib.chdir(root), Repo(str(root), config=_env_remote()) as repo, repo.lock:
             yield repo
     except DvcException as exc:
-        raise UserError(f"DVC in {root}: {exc}; run `dvc status` there to see why") from None
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # DVC colours its links
+        raise UserError(f"DVC in {root}: {message}; run `dvc status` there to see why") from None
 
 
 def _remote(repo) -> Optional[str]:
@@ -74,11 +94,12 @@ def reproduce(root: Path, name: str, run: Callable[[], None]) -> str:
         stage = repo.stage.get_target(name)
         if not stage.changed():
             return UNCHANGED
+        # As before a `dvc repro` run; and an output edited by hand is replaced, not refused.
+        stage.remove_outs(ignore_remove=False, force=False)
         try:
             repo.stage_cache.restore(stage, pull=bool(_remote(repo)))
             outcome = RESTORED
         except RunCacheNotFoundError:
-            stage.remove_outs(ignore_remove=False, force=False)
             outcome = RAN
     if outcome == RAN:
         run()

@@ -56,3 +56,7 @@ def info(name: str) -> StageInfo:
 def get(name: str) -> Callable:
     """The `run` function of a stage."""
     return importlib.import_module(info(name).module).run
+
+
+COMPUTE_STAGES = tuple(name for name, stage in REGISTRY.items() if not stage.needs_tracking)
+"""The stages that compute (all but register), in order: what runs without MLflow."""

@@ -28,7 +28,9 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                 shutil.copy2(item, out / item.name)
         # Checked again on the copy: the SFT folder may have changed while it was copied.
         require_model(out, produced_by="sft")
-        digest = write_record(out, HASH_FILE, copied_from=str(paths.sft))
+        # Relative: the same project in another clone writes the same bytes.
+        source = paths.sft.relative_to(paths.root).as_posix()
+        digest = write_record(out, HASH_FILE, copied_from=source)
     metrics = {"reference/sha256": digest}
     return metrics
 
