@@ -138,6 +138,7 @@ def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) ->
                        "set Crashed")
     running = prefect_runs.record(project, current_flow_run.id)
     tracking_uri = url = None
+    registered: dict = {}
     results: dict[str, dict] = {}
     states: dict[str, str] = {}
     try:
@@ -178,8 +179,10 @@ def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) ->
                                                  parent.run_id)
                     create_link_artifact(key="rlhf-mlflow-run", link=url,
                                          link_text=f"MLflow run {parent.run_id}")
+                    registered = read_json(Paths(project).metrics_file("register"))
                     parent.set_tags({
                         "stages.skipped": ",".join(s for s in to_run if states[s] == "Skipped"),
+                        "registry.version": registered["version"],
                         **dvc.artifact_hashes(project)})
             if use_dvc and dvc.push(project):
                 logger.info("pushed outputs and run-cache to the default DVC remote")
@@ -195,7 +198,6 @@ def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) ->
         create_table_artifact(key="rlhf-pass-at-k", table=report_.pass_at_k_table(evaluation),
                               description="pass@k on held-out prompts (unbiased estimator), "
                                           "policy vs reference")
-    registered = read_json(Paths(project).metrics_file("register")) if track else {}
     # Promotion chained to training: a subflow, its decision a Prefect artifact. Its
     # parameters are stored in Prefect: credentials in the overrides stay hidden.
     promotion = (promote_flow(params_file=params_file, version=registered["version"],

@@ -4,6 +4,8 @@ RLHF_INFRA_HOME on free ports; `infra/down.sh` stops it at the end. No mocks.
 
 The deployment is `prefect deploy`ed from a temporary git repository holding this working
 tree, so the worker clones it (file:// URL: no network here) into a fresh directory per run.
+Before that, a developer's clone runs the pipeline with `rlhf run` and pushes to the stack's
+DVC remote: the worker's runs recompute nothing it already computed (DVC's run-cache).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import stack as infra_stack  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey,  # noqa: E402
-                                            DeploymentFilter, DeploymentFilterId)
+                                            DeploymentFilter, DeploymentFilterId,
+                                            FlowRunFilter, FlowRunFilterId)
 from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 
 try:
@@ -183,13 +186,28 @@ def wait_final(stack: Stack, flow_run_ids: list, timeout: float = 900) -> list:
             time.sleep(3)
 
 
+KL_A = [*TINY_OVERRIDES, "ppo.kl_coef=0.1"]
+
+
 @pytest.fixture(scope="module")
-def two_runs(stack, repo):
+def pushed_clone(stack, repo, tmp_path_factory) -> Path:
+    """Clone A: `rlhf run` in a git clone on a developer's machine, against the stack; the
+    flow pushes its outputs and DVC run-cache to the remote (RLHF_DVC_REMOTE)."""
+    root = tmp_path_factory.mktemp("clone-a") / "rlhf"
+    subprocess.run(["git", "clone", "-q", str(repo), str(root)], check=True)
+    env = {**stack.client_env, "PREFECT_HOME": str(root.parent / "prefect-home")}
+    sh(["rlhf", "run", *[arg for o in KL_A for arg in ("--set", o)]], env, cwd=root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_runs(stack, repo, pushed_clone):
     """`prefect deploy --all`, then two runs of the pipeline deployment at once, with
-    different per-run overrides (one also chains promotion); both picked up by the worker."""
+    different per-run overrides (one as clone A ran, one also chaining promotion); both
+    picked up by the worker."""
     env = {**stack.client_env, "RLHF_GIT_REPO": repo.as_uri(), "RLHF_GIT_BRANCH": "main"}
     sh([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], env, cwd=repo)
-    overrides = {0.1: [*TINY_OVERRIDES, "ppo.kl_coef=0.1"],
+    overrides = {0.1: KL_A,
                  0.3: [*TINY_OVERRIDES, "ppo.kl_coef=0.3", "promote.auto=true"]}
     with stack.prefect(), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("rlhf-pipeline/scheduled")
@@ -270,14 +288,31 @@ def test_two_concurrent_runs_complete_with_their_own_overrides(two_runs, stack, 
     assert "kl_coef: 0.2" in committed
 
 
-def test_stage_results_are_json_in_the_object_store(two_runs, stack):
-    s3 = stack.s3()
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="prefect").get("Contents", [])]
-    stage_keys = [k for k in keys if k.split("/")[-1].startswith("ppo-")]
-    assert len(stage_keys) == 2, keys  # one cache entry per kl_coef
-    record = json.loads(s3.get_object(Bucket="prefect", Key=stage_keys[0])["Body"].read())
-    assert record["metadata"]["serializer"]["type"] == "json"
-    assert json.loads(record["result"])["stage"] == "ppo"
+def test_a_worker_recomputes_no_stage_another_clone_pushed(two_runs, pushed_clone, stack):
+    """The deployment's run with clone A's params, in the worker's fresh clone (empty DVC
+    cache): DVC restores every compute stage from the run-cache A pushed, and its outputs are
+    A's bytes (the md5s its dvc.lock recorded, tagged on its MLflow run, are A's). The run
+    with another kl_coef restores the stages above ppo and computes ppo and evaluate."""
+    from rlhf.mlops.dvc import artifact_hashes
+    from rlhf.stages import COMPUTE_STAGES
+
+    _, runs, _ = two_runs
+    with stack.prefect(), get_client(sync_client=True) as client:
+        states = {kl: {t.name: t.state.name for t in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))}
+            for kl, run in runs.items()}
+    assert {s: states[0.1][s] for s in COMPUTE_STAGES} == {s: "Skipped" for s in COMPUTE_STAGES}
+    assert states[0.1]["register"] == "Completed"  # a new version in the registry
+    assert [states[0.3][s] for s in COMPUTE_STAGES] == ["Skipped"] * 4 + ["Completed"] * 2
+    client = stack.mlflow()
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("rlhf").experiment_id],
+        filter_string=f"tags.`prefect.flow_run_id` = '{runs[0.1].id}' "
+                      "and tags.`prefect.flow_name` = 'rlhf-pipeline'")
+    ours = artifact_hashes(pushed_clone)
+    assert ours and {k: parent.data.tags.get(k) for k in ours} == ours
+    keys = [o["Key"] for o in stack.s3().list_objects_v2(Bucket="dvc").get("Contents", [])]
+    assert any("/runs/" in key for key in keys), keys[:20]
 
 
 def test_promotion_runs_after_registration_when_auto(two_runs, stack):
@@ -406,7 +441,7 @@ def test_down_then_up_keeps_everything(two_runs, stack):
         "runs": sorted(r.info.run_id for r in client.search_runs([experiment], max_results=500)),
         "versions": sorted(int(v.version) for v in
                            client.search_model_versions("name='rlhf-policy'")),
-        "objects": sorted(o["Key"] for b in ("mlflow", "prefect") for o in
+        "objects": sorted(o["Key"] for b in ("mlflow", "dvc") for o in
                           stack.s3().list_objects_v2(Bucket=b).get("Contents", [])),
     }
     stack.down()
@@ -423,7 +458,7 @@ def test_down_then_up_keeps_everything(two_runs, stack):
         "runs": sorted(r.info.run_id for r in client.search_runs([experiment], max_results=500)),
         "versions": sorted(int(v.version) for v in
                            client.search_model_versions("name='rlhf-policy'")),
-        "objects": sorted(o["Key"] for b in ("mlflow", "prefect") for o in
+        "objects": sorted(o["Key"] for b in ("mlflow", "dvc") for o in
                           stack.s3().list_objects_v2(Bucket=b).get("Contents", [])),
     }
     assert after == before

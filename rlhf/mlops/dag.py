@@ -1,17 +1,8 @@
-"""The stage DAG, read from `dvc.yaml`: the one place where each stage's params, deps and
-outputs are written down. `dvc repro` runs it; the Prefect flow (`flows/pipeline.py`) reads it
-here, so the two cannot drift apart.
+"""The stages as `dvc.yaml` declares them: the one place where each stage's params, deps and
+outputs are written down. DVC runs and checks the DAG; the flow reads the stage order here
+(it must match `rlhf.stages.REGISTRY`, checked by the flow and by a test).
 
-Per stage, the flow takes:
-
-- `params`: its `params:` list (whole sections like `ppo`, or keys like `data.seed`): what its
-  cache key hashes;
-- `upstream`: the stages whose outputs are among its `deps:` (the DAG's edges);
-- `outputs`: its `outs:`, `metrics:` and `plots:` (`cache: false` ones included), which must
-  exist and whose content hash keys the stages below it. Not `persist: true` outs: those are
-  resumable checkpoints (`checkpoints/<stage>`) that outlive a run, not what it produces.
-
-Stages come in dvc.yaml's order, which must be a topological order (each after its upstream).
+`outputs` are a stage's `outs:`, `metrics:` and `plots:` (`cache: false` ones included).
 """
 
 from __future__ import annotations
@@ -35,9 +26,7 @@ class Stage:
     deps: tuple[str, ...]
     """Code and data paths it reads, relative to the project root."""
     outputs: tuple[str, ...]
-    """What it writes, relative to the project root (persistent checkpoints excluded)."""
-    upstream: tuple[str, ...]
-    """Stages that write one of its deps, in DAG order."""
+    """What it writes, relative to the project root."""
 
 
 def _path(entry: Any) -> str:
@@ -45,36 +34,13 @@ def _path(entry: Any) -> str:
     return next(iter(entry)) if isinstance(entry, dict) else str(entry)
 
 
-def _options(entry: Any) -> dict:
-    return (next(iter(entry.values())) or {}) if isinstance(entry, dict) else {}
-
-
-def _outputs(spec: dict) -> tuple[str, ...]:
-    return tuple(_path(entry) for kind in ("outs", "metrics", "plots")
-                 for entry in spec.get(kind) or [] if not _options(entry).get("persist"))
-
-
-def _covers(output: str, dep: str) -> bool:
-    """Whether a dep lies in (or is) an output: `models/sft` covers `models/sft/config.json`."""
-    return dep == output or dep.startswith(output.rstrip("/") + "/")
-
-
-def parse(document: dict, source: str = DVC_YAML) -> dict[str, Stage]:
+def parse(document: dict) -> dict[str, Stage]:
     """The stages of a parsed dvc.yaml, in order."""
-    specs = (document or {}).get("stages") or {}
-    outputs = {name: _outputs(spec) for name, spec in specs.items()}
-    stages: dict[str, Stage] = {}
-    for name, spec in specs.items():
-        deps = tuple(_path(entry) for entry in spec.get("deps") or [])
-        upstream = tuple(other for other in specs if other != name and any(
-            _covers(out, dep) for out in outputs[other] for dep in deps))
-        later = [other for other in upstream if other not in stages]
-        if later:
-            raise UserError(f"{source}: stage {name!r} reads outputs of {later}, which come "
-                            f"after it; list the stages in the order they run")
-        stages[name] = Stage(name, tuple(str(p) for p in spec.get("params") or []), deps,
-                             outputs[name], upstream)
-    return stages
+    return {name: Stage(name, tuple(str(p) for p in spec.get("params") or []),
+                        tuple(_path(entry) for entry in spec.get("deps") or []),
+                        tuple(_path(entry) for kind in ("outs", "metrics", "plots")
+                              for entry in spec.get(kind) or []))
+            for name, spec in ((document or {}).get("stages") or {}).items()}
 
 
 def dag_file(root: str | Path) -> Path:
@@ -94,4 +60,4 @@ def read(root: str | Path) -> dict[str, Stage]:
         document = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}); fix it") from None
-    return parse(document, str(path))
+    return parse(document)
