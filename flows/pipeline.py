@@ -35,8 +35,10 @@ from prefect.states import Completed
 from rlhf import stages
 from rlhf.config import Params, load_params
 from rlhf.errors import UserError
-from rlhf.mlops import dag, dvc, overrides as overrides_
-from rlhf.mlops import report as report_
+from rlhf.mlops import dag, dvc, report
+from rlhf.mlops.overrides import applied as overrides_applied
+from rlhf.mlops.overrides import hide as hide_overrides
+from rlhf.mlops.overrides import reveal as reveal_overrides
 from rlhf.paths import Paths
 from rlhf.redact import redact_override, redact_text, redact_value
 
@@ -113,7 +115,7 @@ def rlhf_pipeline(params_file: str = "params.yaml", overrides: Optional[list[str
     without MLflow (and without register).
     """
     with _redacted_errors():
-        return _pipeline(params_file, overrides_.reveal(overrides or []), root, track)
+        return _pipeline(params_file, reveal_overrides(overrides or []), root, track)
 
 
 def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) -> dict:
@@ -142,7 +144,7 @@ def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) ->
     results: dict[str, dict] = {}
     states: dict[str, str] = {}
     try:
-        with overrides_.applied(params_file, overrides) as keep_overrides:
+        with overrides_applied(params_file, overrides) as keep_overrides:
             parent_run = contextlib.nullcontext(_Untracked())
             if track:
                 from rlhf.mlops.mlflow_tracking import (configure, ensure_reachable,
@@ -172,10 +174,10 @@ def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) ->
                         keep_overrides()
                 evaluation = read_json(Paths(project).metrics_file("eval"),
                                        produced_by="evaluate")
-                headline = report_.headline(evaluation)
+                headline = report.headline(evaluation)
                 parent.log_metrics({f"eval/{k}": float(v) for k, v in headline.items()})
                 if track:
-                    url = report_.mlflow_run_url(tracking_uri, parent.experiment_id,
+                    url = report.mlflow_run_url(tracking_uri, parent.experiment_id,
                                                  parent.run_id)
                     create_link_artifact(key="rlhf-mlflow-run", link=url,
                                          link_text=f"MLflow run {parent.run_id}")
@@ -193,15 +195,15 @@ def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) ->
                          if key.startswith("resources/")} for stage, metrics in results.items()}
     create_markdown_artifact(
         key="rlhf-eval", description="Held-out evaluation: policy vs reference",
-        markdown=report_.run_report(project, states, resources, url, tracking_uri))
+        markdown=report.run_report(project, states, resources, url, tracking_uri))
     if evaluation["policy"].get("pass_at_k"):
-        create_table_artifact(key="rlhf-pass-at-k", table=report_.pass_at_k_table(evaluation),
+        create_table_artifact(key="rlhf-pass-at-k", table=report.pass_at_k_table(evaluation),
                               description="pass@k on held-out prompts (unbiased estimator), "
                                           "policy vs reference")
     # Promotion chained to training: a subflow, its decision a Prefect artifact. Its
     # parameters are stored in Prefect: credentials in the overrides stay hidden.
     promotion = (promote_flow(params_file=params_file, version=registered["version"],
-                              root=root, overrides=overrides_.hide(overrides))
+                              root=root, overrides=hide_overrides(overrides))
                  if track and params.promote.auto else None)
     return {
         "eval": headline,
@@ -231,7 +233,7 @@ def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None
     from rlhf.mlops.head_to_head import rm_win_rate
     from rlhf.mlops.mlflow_tracking import configure, ensure_reachable
 
-    params = load_params(params_file, overrides_.reveal(overrides or []))
+    params = load_params(params_file, reveal_overrides(overrides or []))
     project = Path(root).resolve()
     ensure_reachable(configure(project))
     name = params.registry.model_name
@@ -252,7 +254,7 @@ def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None
                             f"MLflow registry; run the pipeline first (`rlhf run`)") from None
         raise
     result = {"model_name": name, **dataclasses.asdict(decision)}
-    create_markdown_artifact(key="rlhf-promotion", markdown=report_.promotion_report(name, result),
+    create_markdown_artifact(key="rlhf-promotion", markdown=report.promotion_report(name, result),
                              description=f"Promotion gate for {name} v{decision.version}")
     return result
 
@@ -260,7 +262,7 @@ def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None
 def run_pipeline(params_file: str = "params.yaml", overrides: Optional[list[str]] = None,
                  root: str = ".", track: bool = True) -> dict:
     """Run the `rlhf-pipeline` flow now, in this process (what `rlhf run` calls)."""
-    return rlhf_pipeline(params_file=params_file, overrides=overrides_.hide(overrides or []),
+    return rlhf_pipeline(params_file=params_file, overrides=hide_overrides(overrides or []),
                          root=root, track=track)
 
 
