@@ -73,18 +73,24 @@ def test_completions_are_in_mlflow(project):
     assert {"prompt", "policy", "policy_rm_score", "reference"} <= set(table["columns"])
 
 
+def verdict(report: str, criterion: str) -> str:
+    """'pass' or 'FAIL' in the row of `criterion` of the printed promotion table."""
+    row = next(line for line in report.splitlines() if f" {criterion} " in line)
+    return "FAIL" if "FAIL" in row else "pass" if "pass" in row else row
+
+
 def test_promote_decides_on_reward_model_criteria(project):
     root, env, _ = project
     strict = gate(root, "strict", "promote.min_rm_win_rate_vs_reference=1.0")
     refused = sh("rlhf", "promote", "--params", str(strict), cwd=root, env=env, check=False)
     assert refused.returncode == 1, refused.stderr
-    assert "FAIL  rm_win_rate_vs_reference" in refused.stdout
+    assert verdict(refused.stdout, "rm_win_rate_vs_reference") == "FAIL"
     assert "not promoted" in refused.stderr and "Traceback" not in refused.stderr
 
     lenient = gate(root, "lenient", "promote.min_rm_win_rate_vs_reference=0",
                    "promote.require_kl_within_budget=false")
     promoted = sh("rlhf", "promote", "--params", str(lenient), cwd=root, env=env)
-    assert "pass  rm_win_rate_vs_reference" in promoted.stdout
+    assert verdict(promoted.stdout, "rm_win_rate_vs_reference") == "pass"
     assert "promoted version 1 to champion" in promoted.stdout
 
     # A second run registers version 2; against the champion it is judged by sampling both.
@@ -94,7 +100,7 @@ def test_promote_decides_on_reward_model_criteria(project):
                         "promote.min_rm_win_rate_vs_champion=1.0",
                         "promote.head_to_head_samples=2")
     refused = sh("rlhf", "promote", "--params", str(head_to_head), cwd=root, env=env, check=False)
-    assert refused.returncode == 1 and "FAIL  rm_win_rate_vs_champion" in refused.stdout
+    assert refused.returncode == 1 and verdict(refused.stdout, "rm_win_rate_vs_champion") == "FAIL"
 
     from mlflow import MlflowClient
 

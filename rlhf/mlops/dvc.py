@@ -56,11 +56,13 @@ def _env_remote() -> Optional[dict]:
 @contextlib.contextmanager
 def _repo(root: Path) -> Iterator:
     from dvc.exceptions import DvcException
-    from dvc.repo import Repo
+    from dvc.repo import Repo, lock_repo
 
     try:
-        # DVC resolves targets and paths against the working directory.
-        with contextlib.chdir(root), Repo(str(root), config=_env_remote()) as repo, repo.lock:
+        # DVC resolves targets and paths against the working directory. lock_repo, not
+        # repo.lock: DVC's own locked calls inside (repo.push) then reuse the lock.
+        with (contextlib.chdir(root), Repo(str(root), config=_env_remote()) as repo,
+              lock_repo(repo)):
             yield repo
     except DvcException as exc:
         message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # DVC colours its links
