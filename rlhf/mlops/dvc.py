@@ -119,7 +119,13 @@ def push(root: Path) -> bool:
     with _repo(root) as repo:
         if not _remote(repo):
             return False
-        repo.push(run_cache=True)
+        entries = repo.stage_cache.push(None)  # the run-cache entries the remote lacked
+        # `dvc push --run-cache` sends those entries but not the uncached outputs they name
+        # (metrics/*.json, `cache: false`), without which another machine cannot restore
+        # the stage from them: so those objects go too.
+        for objs in repo.stage_cache.get_used_objs(entries).values():
+            repo.cloud.push(objs)
+        repo.push()
         return True
 
 
