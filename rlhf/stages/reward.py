@@ -16,7 +16,6 @@ a rerun resumes exactly, mid-epoch included (`rlhf.checkpoints`).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -36,8 +35,8 @@ from rlhf.io import atomic_dir, read_json, read_jsonl, write_json
 from rlhf.models import lora
 from rlhf.models.loading import ScalarHeadModel, last_token_index, load_causal_lm, load_tokenizer
 from rlhf.paths import Paths
-from rlhf.progress import progress_bar
 from rlhf.tracking import MetricsLogger, NullLogger
+from rlhf.training import train_epochs
 
 HASH_FILE = "reward.json"  # sha256 of every file defining the reward model (see rlhf.artifacts)
 
@@ -138,45 +137,14 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                           paths.prepared / "preference_eval.jsonl",
                           paths.prepared / "rl_prompts.jsonl", paths.sft]),
         params.train.checkpoint_keep, tracking_run_id=getattr(logger, "run_id", None))
-    history: list[tuple[float, float]] = []  # (loss, accuracy) per step
-    step, skip = 0, 0
-    resumed = checkpoints.resume(accelerator)
-    if resumed is not None:
-        history = [tuple(h) for h in resumed["history"]]
-        step, skip = resumed["step"], resumed["batches_into_epoch"]
-        # Replay the interrupted epoch's shuffle from its start, then skip what was done.
-        ckpt.set_generator_state(shuffler, resumed["epoch_shuffler"])
-
-    model.train()
-    start = time.perf_counter()
-    with progress_bar("reward", total_steps, completed=step) as bar:
-        while step < total_steps:
-            epoch_shuffler = ckpt.generator_state(shuffler)
-            for index, pairs in enumerate(loader):
-                if index < skip:
-                    continue
-                loss, accuracy = accumulate_gradients(model, pairs, tokenizer.pad_token_id,
-                                                      accelerator, params.train.grad_accum)
-                accelerator.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-                step += 1
-                history.append((loss, accuracy))
-                if step % cfg.log_every == 0 or step == total_steps:
-                    recent = history[-cfg.log_every:]
-                    logger.log_metrics({
-                        "reward/loss": sum(h[0] for h in recent) / len(recent),
-                        "reward/accuracy_train": sum(h[1] for h in recent) / len(recent),
-                        "reward/lr": scheduler.get_last_lr()[0]}, step=step)
-                bar.advance(f"loss {loss:.3f}")
-                if step % cfg.checkpoint_every == 0 or step == total_steps:
-                    checkpoints.save(accelerator, step, {
-                        "history": history, "epoch_shuffler": epoch_shuffler,
-                        "batches_into_epoch": index + 1})
-                if step >= total_steps:
-                    break
-            skip = 0
+    history, step, seconds = train_epochs(  # history: (loss, accuracy) per step
+        "reward", model, loader, optimizer, scheduler, accelerator, checkpoints, total_steps,
+        logger, train_step=lambda pairs: accumulate_gradients(
+            model, pairs, tokenizer.pad_token_id, accelerator, params.train.grad_accum),
+        loss_of=lambda record: record[0], recent_metrics=lambda recent: {
+            "reward/loss": sum(h[0] for h in recent) / len(recent),
+            "reward/accuracy_train": sum(h[1] for h in recent) / len(recent)},
+        log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, history_key="history")
 
     model = accelerator.unwrap_model(model).merge_adapters().eval()
     lora.restore_config(model.trunk)
@@ -187,7 +155,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     metrics = {
         "reward/accuracy": (margins > 0).float().mean().item(),
         "reward/steps": float(step),
-        "reward/seconds": time.perf_counter() - start,
+        "reward/seconds": seconds,
         "reward/loss_final": sum(h[0] for h in history[-20:]) / len(history[-20:]),
         "reward/world_size": float(accelerator.num_processes),
     }

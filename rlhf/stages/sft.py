@@ -14,7 +14,6 @@ weights before saving, so `models/sft/` is a plain Hugging Face model either way
 
 from __future__ import annotations
 
-import time
 from functools import partial
 from pathlib import Path
 
@@ -33,8 +32,8 @@ from rlhf.models import lora
 from rlhf.models.base import resolve_base_model
 from rlhf.models.loading import load_causal_lm, load_tokenizer, position_kwargs
 from rlhf.paths import Paths
-from rlhf.progress import progress_bar
 from rlhf.tracking import MetricsLogger, NullLogger
+from rlhf.training import train_epochs
 
 
 def summed_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -88,11 +87,10 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         model = lora.add_adapters(model, params.model, "CAUSAL_LM")
 
     examples = [encode_sft(tokenizer, row["prompt"], row["completion"]) for row in rows]
-    shuffler = torch.Generator().manual_seed(params.train.seed)
     # Not prepared by Accelerate: every rank reads the same global batches and takes its shard.
     loader = DataLoader(examples, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         collate_fn=partial(collate_sft, pad_token_id=tokenizer.pad_token_id),
-                        generator=shuffler)
+                        generator=torch.Generator().manual_seed(params.train.seed))
     optimizer, scheduler, total_steps = adamw_with_cosine_schedule(model, cfg, len(loader))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
@@ -101,47 +99,19 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         paths.checkpoints / "sft",
         ckpt.fingerprint(params.flat(), FINGERPRINT_PARAMS, [paths.prepared / "sft.jsonl", Path(base)]),
         params.train.checkpoint_keep, tracking_run_id=getattr(logger, "run_id", None))
-    losses: list[float] = []
-    step, skip = 0, 0
-    resumed = checkpoints.resume(accelerator)
-    if resumed is not None:
-        losses, step, skip = resumed["losses"], resumed["step"], resumed["batches_into_epoch"]
-        # Replay the interrupted epoch's shuffle from its start, then skip what was done.
-        ckpt.set_generator_state(shuffler, resumed["epoch_shuffler"])
-
-    model.train()
-    start = time.perf_counter()
-    with progress_bar("sft", total_steps, completed=step) as bar:
-        while step < total_steps:
-            epoch_shuffler = ckpt.generator_state(shuffler)
-            for index, batch in enumerate(loader):
-                if index < skip:
-                    continue
-                loss = accumulate_gradients(model, batch, accelerator, params.train.grad_accum)
-                accelerator.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-                step += 1
-                losses.append(loss)
-                if step % cfg.log_every == 0 or step == total_steps:
-                    logger.log_metrics({"sft/loss": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]),
-                                        "sft/lr": scheduler.get_last_lr()[0]}, step=step)
-                bar.advance(f"loss {losses[-1]:.3f}")
-                if step % cfg.checkpoint_every == 0 or step == total_steps:
-                    checkpoints.save(accelerator, step, {
-                        "losses": losses, "epoch_shuffler": epoch_shuffler,
-                        "batches_into_epoch": index + 1})
-                if step >= total_steps:
-                    break
-            skip = 0
+    losses, step, seconds = train_epochs(
+        "sft", model, loader, optimizer, scheduler, accelerator, checkpoints, total_steps, logger,
+        train_step=lambda batch: accumulate_gradients(model, batch, accelerator,
+                                                      params.train.grad_accum),
+        loss_of=float, recent_metrics=lambda recent: {"sft/loss": sum(recent) / len(recent)},
+        log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, history_key="losses")
 
     window = max(1, min(50, len(losses) // 4))
     metrics = {
         "sft/loss_first": sum(losses[:window]) / window,
         "sft/loss_final": sum(losses[-window:]) / window,
         "sft/steps": float(step),
-        "sft/seconds": time.perf_counter() - start,
+        "sft/seconds": seconds,
         "sft/world_size": float(accelerator.num_processes),
     }
     if accelerator.is_main_process:
