@@ -3,10 +3,10 @@
 A PPO iteration must at least: generate the responses (KV cache), run one forward pass each
 of policy+value, reference and reward model over the rollout, and do `ppo_epochs x
 num_minibatches` forward+backward+optimizer steps. This script times those pieces alone
-("raw model work", the bound) and the real iteration (`collect_rollout` + reward shaping +
-GAE + `ppo_update`), in one process on the same models, prompts and batch sizes, the pieces
-and the iteration taking turns so that a change in machine load hits both, and prints the
-ratio (the goal: iteration <= 1.1x the bound).
+("raw model work", the bound) and the real iteration (`rlhf.stages.ppo.ppo_iteration`, as
+`ppo.run` calls it each step), in one process on the same models, prompts and batch sizes, the
+pieces and the iteration taking turns so that a change in machine load hits both, and prints
+the ratio (the goal: iteration <= 1.1x the bound).
 
 The bound does not use our own code: generation is transformers' own `model.generate`
 (do_sample=True, the params' temperature, top_k=0, top_p=1.0, `ppo.max_new_tokens`, stopping
@@ -41,7 +41,7 @@ from rlhf.engine import make_accelerator
 from rlhf.io import read_jsonl
 from rlhf.models.loading import AdaptersDisabled, BaseScorer
 from rlhf.paths import Paths
-from rlhf.stages.ppo import collect_rollout, load_models, ppo_update
+from rlhf.stages.ppo import load_models, ppo_iteration
 
 
 def synchronise(device: torch.device) -> None:
@@ -105,13 +105,8 @@ def main() -> None:
     kl_ctl = rl.FixedKLController(cfg.kl_coef)
 
     def iteration() -> None:
-        batch = collect_rollout(unwrapped, reference, reward_model, tokenizer, batch_prompts,
-                                cfg, device, autocast=accelerator.autocast)
-        kl = rl.per_token_kl(batch.logprobs, batch.ref_logprobs)
-        rewards, _ = rl.shape_rewards(kl, batch.scores, batch.mask.sum(1), kl_ctl.value)
-        advantages, returns = rl.gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)
-        advantages = rl.masked_whiten(advantages, batch.mask).masked_fill(~batch.mask, 0.0)
-        ppo_update(model, optimizer, accelerator, batch, advantages, returns, cfg, None, shuffle)
+        ppo_iteration(model, reference, reward_model, tokenizer, optimizer, accelerator, cfg,
+                      batch_prompts, kl_ctl=kl_ctl, minibatch_generator=shuffle, seed=0)
 
     # The raw model work, piece by piece, with plain transformers/torch calls.
     policy = unwrapped.policy

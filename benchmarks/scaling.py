@@ -1,9 +1,9 @@
 """How the time per sample of one PPO iteration scales with response length, batch and model size.
 
-One iteration is what `rlhf.stages.ppo` does per step: `collect_rollout` (sampling with the
-KV cache, then the policy+value, reference and reward forwards), reward shaping, GAE,
-whitening and `ppo_update`. Three one-factor sweeps around a base point (the builtin model
-of params.yaml `model.*`, batch 64, 32 new tokens), not the full cube:
+One iteration is `rlhf.stages.ppo.ppo_iteration`, what `ppo.run` does per step: the rollout
+(sampling with the KV cache, then the policy+value, reference and reward forwards), reward
+shaping, GAE, whitening and the PPO updates. Three one-factor sweeps around a base point
+(the builtin model of params.yaml `model.*`, batch 64, 32 new tokens), not the full cube:
 
 - response length: 16, 32, 64, 128 new tokens;
 - batch: 16, 64, 256 prompts;
@@ -46,7 +46,7 @@ from rlhf.data import builtin_sort
 from rlhf.engine import make_accelerator
 from rlhf.models.builtin import EOS, PAD, UNK
 from rlhf.models.loading import ScalarHeadModel
-from rlhf.stages.ppo import PolicyAndValue, collect_rollout, ppo_update
+from rlhf.stages.ppo import PolicyAndValue, ppo_iteration
 
 REPO = Path(__file__).resolve().parent.parent
 LEAN = ["ppo.ppo_epochs=1", "ppo.num_minibatches=1", "ppo.value_model=policy_head"]
@@ -99,25 +99,18 @@ def build_point(point: Point, params_file: Path, overrides: list[str], accelerat
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.lr, eps=1e-5, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    device = accelerator.device
-    reference.to(device)
-    reward_model.to(device)
+    reference.to(accelerator.device)
+    reward_model.to(accelerator.device)
     kl_ctl = rl.FixedKLController(cfg.kl_coef)
     shuffle = torch.Generator().manual_seed(0)
     lengths: list[float] = []
 
     def iteration(step: int) -> None:
         start = (step * cfg.batch_size) % (len(prompts) - cfg.batch_size + 1)
-        rows = prompts[start:start + cfg.batch_size]
-        batch = collect_rollout(unwrapped, reference, reward_model, tokenizer, rows, cfg,
-                                device, autocast=accelerator.autocast, seed=step)
-        kl = rl.per_token_kl(batch.logprobs, batch.ref_logprobs)
-        rewards, _ = rl.shape_rewards(kl, batch.scores, batch.mask.sum(1), kl_ctl.value)
-        advantages, returns = rl.gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)
-        advantages = rl.masked_whiten(advantages, batch.mask).masked_fill(~batch.mask, 0.0)
-        ppo_update(model, optimizer, accelerator, batch, advantages, returns, cfg, None, shuffle)
-        lengths.append(batch.mask.sum(1).float().mean().item())
+        _, stats = ppo_iteration(model, reference, reward_model, tokenizer, optimizer, accelerator,
+                                 cfg, prompts[start:start + cfg.batch_size], kl_ctl=kl_ctl,
+                                 minibatch_generator=shuffle, seed=step)
+        lengths.append(stats["val/response_length"])
 
     return {"iteration": iteration, "params": sum(p.numel() for p in policy.parameters()),
             "lengths": lengths, "cfg": cfg, "times": []}

@@ -1,6 +1,6 @@
 """Stage `ppo`: PPO with a per-token KL penalty against the frozen reference.
 
-Each iteration, in the order of the N+ reference implementation:
+Each iteration (`ppo_iteration`), in the order of the N+ reference implementation:
   1. rollout: sample responses to a batch of RL prompts (temperature, stop at EOS);
   2. score: per-token log-probs under policy and reference, values, one RM score each;
   3. shape rewards: r_t = -beta * KL_t, plus the RM score on the last response token;
@@ -265,6 +265,60 @@ def ppo_update(model: PolicyAndValue, optimizer, accelerator, batch: Rollout,
     return means
 
 
+def ppo_iteration(model: PolicyAndValue, reference: nn.Module, reward_model: ScalarHeadModel,
+                  tokenizer, optimizer, accelerator, cfg: PPOConfig, prompts: list[str], *,
+                  kl_ctl, minibatch_generator: torch.Generator, seed: int, scheduler=None,
+                  ptx_batches: Optional[Callable[[], dict]] = None,
+                  grad_accum: int = 1) -> tuple[Rollout, dict]:
+    """Steps 1-6 on the global batch `prompts`, sampled with `seed`, stepping the `scheduler` if
+    any: the whole rollout and the step's stats (the history's columns but `step` and gold)."""
+    start = time.perf_counter()
+    # Steps 1-2 on this rank's shard of the prompts, then the whole batch on every rank.
+    rows = dist.shard_slice(len(prompts), accelerator)
+    batch = gather_rollout(accelerator, collect_rollout(
+        accelerator.unwrap_model(model), reference, reward_model, tokenizer, prompts[rows], cfg,
+        accelerator.device, accelerator.autocast, seed=seed, first_row=rows.start),
+        tokenizer.pad_token_id)
+    # Steps 3-4: shaped rewards, GAE, whitened advantages.
+    kl = rl.per_token_kl(batch.logprobs, batch.ref_logprobs)  # (B, R), 0 at padding
+    rewards, non_score = rl.shape_rewards(kl, batch.scores, batch.mask.sum(1), kl_ctl.value)
+    if cfg.whiten_rewards:
+        rewards = rl.masked_whiten(rewards, batch.mask, shift_mean=False)
+        rewards = rewards.masked_fill(~batch.mask, 0.0)
+    advantages, returns = rl.gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)
+    advantages = rl.masked_whiten(advantages, batch.mask).masked_fill(~batch.mask, 0.0)
+    # Step 5: the PPO epochs.
+    update = ppo_update(model, optimizer, accelerator, batch, advantages, returns, cfg,
+                        ptx_batches, minibatch_generator, grad_accum)
+    if scheduler is not None:
+        scheduler.step()
+    stats = {
+        "objective/kl": kl.sum(1).mean().item(),
+        "objective/kl_coef": kl_ctl.value,
+        "objective/entropy": (-batch.logprobs.masked_fill(~batch.mask, 0)).sum(1).mean().item(),
+        "objective/non_score_reward": non_score.sum(1).mean().item(),
+        "objective/rlhf_reward": (batch.scores + non_score.sum(1)).mean().item(),
+        "objective/scores": batch.scores.mean().item(),
+        "policy/approxkl_avg": update["approxkl"],
+        "policy/clipfrac_avg": update["clipfrac"],
+        "policy/entropy_avg": update["entropy"],
+        "loss/policy_avg": update["pg_loss"],
+        "loss/value_avg": update["vf_loss"],
+        "val/clipfrac_avg": update["vf_clipfrac"],
+        "val/ratio": update["ratio"],
+        "val/ratio_var": update["ratio_var"],
+        "val/num_eos_tokens": float(batch.has_eos.sum().item()),
+        "val/response_length": batch.mask.sum(1).float().mean().item(),
+        "lr": scheduler.get_last_lr()[0] if scheduler else optimizer.param_groups[0]["lr"],
+        "eps": len(prompts) / (time.perf_counter() - start),
+    }
+    if "ptx_loss" in update:
+        stats["loss/ptx_avg"] = update["ptx_loss"]
+    # Step 6: adapt beta to the KL just measured.
+    kl_ctl.update(stats["objective/kl"], len(prompts))
+    return batch, stats
+
+
 def gold_reward_fn(params: Params) -> Optional[Callable[[str, str], float]]:
     """The gold reward where the task has one (the builtin task); None otherwise."""
     return builtin_sort.gold_score if params.data.source == "builtin" else None
@@ -391,55 +445,12 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
 
     with progress_bar("ppo", cfg.steps, completed=first_step - 1) as bar:
         for step in range(first_step, cfg.steps + 1):
-            start = time.perf_counter()
-            # Steps 1-2 on this rank's shard of the prompts, then the whole batch on every rank.
-            prompts_now = next(batches)
-            rows = dist.shard_slice(len(prompts_now), accelerator)
-            batch = gather_rollout(accelerator, collect_rollout(
-                unwrapped, reference, reward_model, tokenizer, prompts_now[rows], cfg, device,
-                accelerator.autocast, seed=derive_seed(params.train.seed, "ppo", step),
-                first_row=rows.start), tokenizer.pad_token_id)
-            # Steps 3-4: shaped rewards, GAE, whitened advantages.
-            kl = rl.per_token_kl(batch.logprobs, batch.ref_logprobs)  # (B, R), 0 at padding
-            lengths = batch.mask.sum(1)
-            rewards, non_score = rl.shape_rewards(kl, batch.scores, lengths, kl_ctl.value)
-            if cfg.whiten_rewards:
-                rewards = rl.masked_whiten(rewards, batch.mask, shift_mean=False)
-                rewards = rewards.masked_fill(~batch.mask, 0.0)
-            advantages, returns = rl.gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)
-            advantages = rl.masked_whiten(advantages, batch.mask).masked_fill(~batch.mask, 0.0)
-            # Step 5: the PPO epochs.
-            update = ppo_update(model, optimizer, accelerator, batch, advantages, returns, cfg,
-                                ptx_batches, shuffle, params.train.grad_accum)
-            scheduler.step()
-            # Step 6: adapt beta to the KL just measured.
-            mean_kl = kl.sum(1).mean().item()
-            beta = kl_ctl.value
-            kl_ctl.update(mean_kl, cfg.batch_size)
-
-            row = {
-                "step": step,
-                "objective/kl": mean_kl,
-                "objective/kl_coef": beta,
-                "objective/entropy": (-batch.logprobs.masked_fill(~batch.mask, 0)).sum(1).mean().item(),
-                "objective/non_score_reward": non_score.sum(1).mean().item(),
-                "objective/rlhf_reward": (batch.scores + non_score.sum(1)).mean().item(),
-                "objective/scores": batch.scores.mean().item(),
-                "policy/approxkl_avg": update["approxkl"],
-                "policy/clipfrac_avg": update["clipfrac"],
-                "policy/entropy_avg": update["entropy"],
-                "loss/policy_avg": update["pg_loss"],
-                "loss/value_avg": update["vf_loss"],
-                "val/clipfrac_avg": update["vf_clipfrac"],
-                "val/ratio": update["ratio"],
-                "val/ratio_var": update["ratio_var"],
-                "val/num_eos_tokens": float(batch.has_eos.sum().item()),
-                "val/response_length": lengths.float().mean().item(),
-                "lr": scheduler.get_last_lr()[0],
-                "eps": cfg.batch_size / (time.perf_counter() - start),
-            }
-            if "ptx_loss" in update:
-                row["loss/ptx_avg"] = update["ptx_loss"]
+            batch, stats = ppo_iteration(
+                model, reference, reward_model, tokenizer, optimizer, accelerator, cfg,
+                next(batches), kl_ctl=kl_ctl, minibatch_generator=shuffle,
+                seed=derive_seed(params.train.seed, "ppo", step), scheduler=scheduler,
+                ptx_batches=ptx_batches, grad_accum=params.train.grad_accum)
+            row = {"step": step, **stats}
             if gold is not None and step % cfg.gold_every == 0:
                 golds = [gold(p, t) for p, t in zip(batch.prompts, batch.texts)]
                 row["objective/gold_reward"] = sum(golds) / len(golds)
@@ -448,8 +459,8 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
             logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
             if step % cfg.log_completions_every == 0 or step == cfg.steps:
                 logger.log_table("ppo_completions", completions_table(batch, gold), step=step)
-            bar.advance(f"score {row['objective/scores']:.2f} kl {mean_kl:.2f} "
-                        f"loss {update['pg_loss'] + cfg.vf_coef * update['vf_loss']:.3f}"
+            bar.advance(f"score {row['objective/scores']:.2f} kl {row['objective/kl']:.2f} "
+                        f"loss {row['loss/policy_avg'] + cfg.vf_coef * row['loss/value_avg']:.3f}"
                         + (f" gold {row['objective/gold_reward']:.2f}"
                            if "objective/gold_reward" in row else ""))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
