@@ -8,6 +8,7 @@ that runs Prefect's scheduler (the harness's ephemeral server does not), so they
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -56,12 +57,11 @@ def prefect_harness():
         yield
 
 
-@pytest.fixture
-def mlflow_store():
-    """Point MLflow at the project the test names (`rlhf_pipeline` configures it), and put
-    this process's MLflow settings back afterwards."""
+@contextlib.contextmanager
+def mlflow_settings_restored():
+    """Put this process's MLflow settings back afterwards: the flow sets them (and
+    mlflow.set_tracking_uri/set_registry_uri also write the environment variables)."""
     old_uris = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    # mlflow.set_tracking_uri/set_registry_uri (called by the flow) also write these variables.
     old_env = {key: os.environ.pop(key, None) for key in MLFLOW_ENV}
     try:
         yield
@@ -74,23 +74,21 @@ def mlflow_store():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
+@pytest.fixture
+def mlflow_store():
+    """Point MLflow at the project the test names (`rlhf_pipeline` configures it)."""
+    with mlflow_settings_restored():
+        yield
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, prefect_harness):
     """A clone of this repository on the tiny profile; MLflow's store is its mlflow.db."""
     root = tmp_path_factory.mktemp("flow-project")
     clone_project(root)
-    old_env = {key: os.environ.pop(key, None) for key in MLFLOW_ENV}
-    old_uris = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    try:
+    with mlflow_settings_restored():
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
         yield root
-    finally:
-        while mlflow.active_run() is not None:
-            mlflow.end_run()
-        mlflow.set_tracking_uri(old_uris[0])
-        mlflow.set_registry_uri(old_uris[1])
-        for key, value in old_env.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 def run_flow(root: Path, overrides: list[str] | None = None) -> dict:
