@@ -21,7 +21,8 @@ from rlhf.errors import DataError, MissingInputError
 _ORPHAN = re.compile(r"^\.(tmp|old)-.*\.pid(?P<pid>\d+)@(?P<host>[^.]*)\.")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (another user's included)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -37,7 +38,7 @@ def remove_orphans(directory: Path) -> list[Path]:
     host = socket.gethostname().split(".")[0]
     for entry in Path(directory).iterdir() if Path(directory).is_dir() else ():
         match = _ORPHAN.match(entry.name)
-        if match and match["host"] == host and not _alive(int(match["pid"])):
+        if match and match["host"] == host and not pid_alive(int(match["pid"])):
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from flows.pipeline import promote_flow, rlhf_pipeline  # noqa: E402
 from rlhf.config import Params  # noqa: E402
 from rlhf.errors import ParamsError, UserError  # noqa: E402
 from rlhf.mlops import dag  # noqa: E402
+from rlhf.mlops.launch import free_port  # noqa: E402
 from rlhf.stages import COMPUTE_STAGES, REGISTRY  # noqa: E402
 
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -386,12 +386,6 @@ def test_multi_process_stages_run_launched_under_the_flow(tmp_path, prefect_harn
 # (d), (e): a real Prefect server, a served schedule, a deployment run by a worker
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
     """SIGTERM the process group this test started (serve's flow-run children included)."""
     if process.poll() is not None:
@@ -414,7 +408,7 @@ def _tail(path: Path, lines: int = 40) -> str:
 def real_server(tmp_path_factory):
     """`prefect server start` (scheduler included) on a free port, SQLite in a temp dir."""
     home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home / "home"),
            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",

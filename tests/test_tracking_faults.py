@@ -23,13 +23,9 @@ from .conftest import REPO, TINY_OVERRIDES
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 
+from rlhf.mlops.launch import free_port  # noqa: E402
+
 SECRET = "pw-Outage-7731"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cli_env(**extra: str) -> dict:

@@ -110,7 +110,7 @@ def launch_command(stage: str, params_file: Path, root: Path, params: Params) ->
         # would take the single-process path.
         flags = ["--multi_gpu", "--num_processes", n, "--num_machines", "1",
                  "--mixed_precision", "no", "--dynamo_backend", "no"]
-    flags += ["--main_process_port", str(_free_port())]
+    flags += ["--main_process_port", str(free_port())]
     return [sys.executable, "-m", "accelerate.commands.launch", *flags, "-m", "rlhf.cli",
             "stage", stage, "--params", str(params_file), "--root", str(root)]
 
@@ -155,7 +155,8 @@ def run_launched(stage: str, params: Params, root: Path, run_id: Optional[str] =
                         f"processes) exited with code {code}; its output is above")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

@@ -12,6 +12,8 @@ import os
 import socket
 from typing import Optional
 
+from rlhf.io import pid_alive
+
 
 def host() -> str:
     return socket.gethostname()
@@ -41,11 +43,7 @@ def is_dead(owner: dict[str, str]) -> bool:
     if owner.get("host") != host() or not str(owner.get("pid", "")).isdigit():
         return False
     pid = int(owner["pid"])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return True
-    except PermissionError:
-        pass  # alive, another user's
     recorded, now = owner.get("pid_start") or "", start_time(pid)
     return bool(recorded and now and recorded != now)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from rlhf.errors import UserError
-from rlhf.mlops.launch import die_with_parent
+from rlhf.mlops.launch import die_with_parent, free_port
 
 LOG = Path(".rlhf") / "prefect-server.log"
 
@@ -36,12 +35,6 @@ def _drain_prefect_workers() -> None:
             worker.drain_all(timeout=10, at_exit=False)
         except Exception:  # best effort: the run itself is over
             pass
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _api_url_set() -> bool:
@@ -62,7 +55,7 @@ def temporary_server(root: Path, timeout: Optional[float] = None) -> Iterator[Op
 
     import prefect
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
            "PREFECT__SERVER_FINAL": "1",
