@@ -65,8 +65,8 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     return not isinstance(getattr(state, "data", None), UserError)
 
 
-@task(cache_policy=NO_CACHE, persist_result=False, retry_delay_seconds=10,
-      retry_condition_fn=_retry_unless_user_error)
+@task(cache_policy=NO_CACHE, persist_result=False, result_serializer="json",
+      retry_delay_seconds=10, retry_condition_fn=_retry_unless_user_error)
 def stage_task(stage: str, params: dict, root: str, parent_run_id: Optional[str],
                track: bool, use_dvc: bool) -> Any:
     """Stage `stage`, if DVC finds it has something to do; its metrics, or a Skipped state."""
@@ -103,7 +103,9 @@ class _Untracked:
         pass
 
 
-@flow(name="rlhf-pipeline")
+# Prefect writes a failed run's exception to its result storage whatever persist_result says:
+# JSON, so that nothing is ever pickled.
+@flow(name="rlhf-pipeline", persist_result=False, result_serializer="json")
 def rlhf_pipeline(params_file: str = "params.yaml", overrides: Optional[list[str]] = None,
                   root: str = ".", track: bool = True) -> dict:
     """Every stage of dvc.yaml in order, each run only if DVC finds it changed.
@@ -222,7 +224,7 @@ def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) ->
     }
 
 
-@flow(name="promote")
+@flow(name="promote", persist_result=False, result_serializer="json")
 def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None,
                  root: str = ".", overrides: Optional[list[str]] = None) -> dict:
     """Judge a model version (default: the `candidate`) with the gate in params `promote`;

@@ -183,6 +183,15 @@ class ModelConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        # Each head gets n_embd / n_head dimensions; GPT-2 fails deep inside sft otherwise.
+        if self.name_or_path == "builtin" and self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_head ({self.n_head}) must divide model.n_embd ({self.n_embd}); "
+                "pick a head count that divides the width")
+        return self
+
+    @model_validator(mode="after")
     def _target_modules(self) -> "ModelConfig":
         targets = self.lora_target_modules
         if isinstance(targets, str) and targets != "all-linear":

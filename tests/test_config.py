@@ -39,6 +39,7 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     ("model.revision=v1.0", "model.revision ('v1.0') pins a hub model; with "
                             "model.name_or_path=builtin set it to null"),
     ("data.revision=main", "data.revision applies to external data only"),
+    ("model.n_head=3", "model.n_head (3) must divide model.n_embd (128)"),
     ("novalue", "section.key=value"),
 ])
 def test_bad_params_name_key_value_and_fix(override, expected):
