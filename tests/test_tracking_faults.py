@@ -225,18 +225,25 @@ def test_killed_stage_run_is_ended_killed_by_the_next_start(tiny_upstream):
     ends it KILLED (its process is gone) and leaves live runs alone."""
     project = tiny_upstream
     env = cli_env()
+    # The store is created before the stage starts: two processes creating MLflow's tables
+    # in one SQLite file at once can fail the stage (it did, once in CI).
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    client.search_experiments()
+    stderr = (project.parent / "stage.err").open("w+")
     stage = subprocess.Popen(
         [sys.executable, "-m", "rlhf.cli", "stage", "ppo", "--set", "ppo.steps=500"],
-        cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
         start_new_session=True)
-    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     try:
         deadline = time.monotonic() + 180
         while True:
-            run = _ppo_run(client) if (project / "mlflow.db").exists() else None
+            run = _ppo_run(client)
             if run and client.get_metric_history(run.info.run_id, "objective/kl"):
                 break
-            assert stage.poll() is None and time.monotonic() < deadline
+            if stage.poll() is not None:
+                stderr.seek(0)
+                pytest.fail(f"rlhf stage ppo exited {stage.returncode}: {stderr.read()}")
+            assert time.monotonic() < deadline
             time.sleep(0.5)
         os.kill(stage.pid, signal.SIGKILL)
         stage.wait()
