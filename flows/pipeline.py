@@ -116,6 +116,9 @@ def rlhf_pipeline(params_file: str = "params.yaml", overrides: Optional[list[str
     recorded with it (MLflow params, tag `rlhf.overrides`, dvc.lock). `track=False` runs
     without MLflow (and without register).
     """
+    from flows.prefect_logging import user_errors_in_one_line
+
+    user_errors_in_one_line()
     with _redacted_errors():
         return _pipeline(params_file, reveal_overrides(overrides or []), root, track)
 
@@ -233,8 +236,10 @@ def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None
 
     from rlhf.mlops import registry
     from rlhf.mlops.head_to_head import rm_win_rate
+    from flows.prefect_logging import user_errors_in_one_line
     from rlhf.mlops.mlflow_tracking import configure, ensure_reachable
 
+    user_errors_in_one_line()
     params = load_params(params_file, reveal_overrides(overrides or []))
     project = Path(root).resolve()
     ensure_reachable(configure(project))
@@ -252,8 +257,9 @@ def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None
         raise UserError(f"{exc}; run the pipeline first (`rlhf run`)") from None
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise UserError(f"no registered model {name!r} (or version {version}) in the "
-                            f"MLflow registry; run the pipeline first (`rlhf run`)") from None
+            which = f"{name!r} version {version}" if version is not None else repr(name)
+            raise UserError(f"no registered model {which} in the MLflow registry; run the "
+                            "pipeline first (`rlhf run`)") from None
         raise
     result = {"model_name": name, **dataclasses.asdict(decision)}
     create_markdown_artifact(key="rlhf-promotion", markdown=report.promotion_report(name, result),

@@ -4,6 +4,9 @@ Stages log progress through Python's `rlhf` loggers (step, figures, ETA: `rlhf.p
 report tables through their `MetricsLogger`. Inside a Prefect task, `stage_reporting` forwards
 both: log records to the task's run logger (the Prefect UI's logs tab), tables to a Prefect
 table artifact per stage (in addition to MLflow).
+
+A user's mistake (`rlhf.errors.UserError`) is one line on the console: `user_errors_in_one_line`
+keeps Prefect's traceback and repeated state lines off it (the Prefect UI keeps them).
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.logging.handlers import PrefectConsoleHandler
+
+from rlhf.errors import UserError
 
 
 class _ToRunLogger(logging.Handler):
@@ -62,3 +68,41 @@ def stage_reporting(stage: str, logger) -> Iterator[PrefectReportingLogger]:
     finally:
         package_logger.removeHandler(handler)
         package_logger.setLevel(level)
+
+
+def _user_error_names() -> set[str]:
+    found, todo = set(), [UserError]
+    while todo:
+        kind = todo.pop()
+        found.add(kind.__name__)
+        todo += kind.__subclasses__()
+    return found
+
+
+class _UserErrorsInOneLine(logging.Filter):
+    """For a UserError, the console drops Prefect's traceback and the task's "Finished in
+    state Failed" line; the flow's state line stays unless the caller prints the error."""
+
+    def __init__(self, caller_prints_error: bool) -> None:
+        super().__init__()
+        self.caller_prints_error = caller_prints_error
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            return False
+        if record.levelno < logging.INFO or not isinstance(record.msg, str) \
+                or not record.msg.startswith("Finished in state Failed"):
+            return True
+        text = record.getMessage()
+        if not any(f"{name}: " in text for name in _user_error_names()):
+            return True
+        return record.name == "prefect.flow_runs" and not self.caller_prints_error
+
+
+def user_errors_in_one_line(caller_prints_error: bool = False) -> None:
+    """Install the console filter once per process (the first caller's choice holds: `rlhf
+    run` prints the error itself; a deployment's flow run leaves Prefect's one state line)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+                isinstance(f, _UserErrorsInOneLine) for f in handler.filters):
+            handler.addFilter(_UserErrorsInOneLine(caller_prints_error))

@@ -148,7 +148,10 @@ def run(
     it was.
     """
     from flows.pipeline import run_pipeline
+    from flows.prefect_logging import user_errors_in_one_line
     from rlhf.mlops.prefect_server import temporary_server
+
+    user_errors_in_one_line(caller_prints_error=True)
 
     try:
         _load(params_file, overrides)
@@ -220,10 +223,15 @@ def promote(
 ) -> None:
     """Move the `champion` alias to a version if it passes the gate in params `promote`."""
     from flows.pipeline import promote_flow
+    from flows.prefect_logging import user_errors_in_one_line
 
+    from rlhf.mlops.prefect_server import temporary_server
+
+    user_errors_in_one_line(caller_prints_error=True)
     try:
         _load(params_file, None)
-        decision = promote_flow(str(params_file), version, str(root))
+        with temporary_server(Path(root)):
+            decision = promote_flow(str(params_file), version, str(root))
     except UserError as exc:
         fail(str(exc))
     from rich.markdown import Markdown

@@ -242,3 +242,18 @@ def test_a_pad_token_outside_the_embeddings_falls_back_to_eos(tmp_path):
     assert json.loads(paths.metrics_file("sft").read_text())["sft/steps"] > 0
     assert load_tokenizer(paths.sft).pad_token == "<|im_end|>"  # saved as it trained
     assert N_ROWS == 40
+
+
+def test_promote_with_nothing_registered_is_one_line(tmp_path):
+    """`rlhf promote` before any run: one error line, no Prefect traceback or state lines
+    (Prefect's and MLflow's INFO lines aside)."""
+    (tmp_path / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
+        env.pop(key, None)
+    result = subprocess.run([sys.executable, "-m", "rlhf.cli", "promote", "--version", "3"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env)
+    lines = [line for line in result.stderr.splitlines() if " INFO " not in line]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0] == ("error: no registered model 'rlhf-policy' version 3 in the MLflow "
+                        "registry; run the pipeline first (`rlhf run`)")

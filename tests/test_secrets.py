@@ -85,7 +85,11 @@ def test_no_track_runs_every_stage_without_mlflow_and_pickles_nothing(project):
     nothing reaches MLflow, and Prefect persisted no result (the flow keeps none)."""
     sets = [arg for override in TINY_OVERRIDES for arg in ("--set", override)]
     failed = run_cli(project, "run", "--no-track", *sets, "--set", "data.source=missing.jsonl")
-    assert failed.returncode != 0 and "missing.jsonl" in failed.stderr
+    assert failed.returncode == 2 and "missing.jsonl" in failed.stderr
+    # A user's mistake inside a stage is one line: no Prefect traceback or state lines.
+    errors = [line for line in failed.stderr.splitlines() if "| INFO " not in line
+              and "| WARNING " not in line]
+    assert errors == [next(line for line in errors if line.startswith("error: "))], errors
     result = run_cli(project, "run", "--no-track", *sets)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()
