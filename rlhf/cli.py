@@ -22,7 +22,17 @@ out = Console()
 ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="The params file.")
 SetOption = typer.Option(None, "--set", "-s",
                          help="Override a param: section.key=value (repeatable).")
-RootOption = typer.Option(Path("."), "--root",
+
+
+def _existing_root(root: Path) -> Path:
+    # A mistyped --root would otherwise start a new, empty project there.
+    if not root.is_dir():
+        fail(f"--root {root}: no such folder; fix the path, or make a project there "
+             f"first (mkdir -p {root} && cp params.yaml {root}/)")
+    return root
+
+
+RootOption = typer.Option(Path("."), "--root", callback=_existing_root,
                           help="Project directory holding data/, models/, metrics/.")
 FreshOption = typer.Option(False, "--fresh",
                            help="Ignore the checkpoints of an interrupted run and start over.")

@@ -39,6 +39,19 @@ class Section(BaseModel):
                                       f"Input should be {_expected(annotation)}, not a boolean")
         return value
 
+    @field_validator("*")
+    @classmethod
+    def _counts_are_sane(cls, value: Any, info: ValidationInfo) -> Any:
+        # `ppo.steps=1e23` parses as an integer; no count here is meant to be that large.
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_COUNT \
+                and info.field_name != "seed":
+            raise PydanticCustomError("too_large", f"Input should be at most {MAX_COUNT:,}")
+        return value
+
+
+MAX_COUNT = 10**9
+"""The largest integer any param other than a seed may hold."""
+
 
 def _expected(annotation: Any) -> str:
     kinds = _types_of(annotation)

@@ -169,6 +169,9 @@ def test_leakage_checks_normalise_whitespace(tmp_path, model_dir):
     ("registry.model_name=a:b", "it contains ':'"),
     ("registry.model_name=policy@v1", "it contains '@'"),
     ("registry.model_name=..", "it is a path"),
+    ("ppo.steps=100000000000000000000000", "ppo.steps = 100000000000000000000000 is not "
+                                           "allowed: Input should be at most 1,000,000,000"),
+    ("data.n_sft=1.0e+23", "data.n_sft = 1e+23 is not allowed"),
 ])
 def test_bad_values_are_one_line(override, expected):
     with pytest.raises(ParamsError) as info:

@@ -10,13 +10,20 @@ stage task both call `run_stage`.
 - Processes: with train.num_processes > 1 a launchable stage runs as an Accelerate process
   group (`rlhf.mlops.launch`), its rank 0 logging to the same run.
 - Cost: wall time and peak memory, logged as `resources/*` and returned with the metrics.
+- Guards: one run of a stage per project at a time; before any work, its folders must be
+  writable with room for its outputs and checkpoints; a disk that fills up is one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
+import re
+import shutil
+import socket
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Optional
 
@@ -64,25 +71,117 @@ def run_stage(name: str, params: Params, root: Path, parent_run_id: Optional[str
     if info.needs_tracking and not track:
         raise UserError(f"stage {name} talks to the MLflow registry: run it without --no-track")
     if launch.rank() != 0:  # another rank of a launched group: rank 0 tracks and reports
-        return stages.get(name)(params, paths) or {}
-    run = contextlib.nullcontext(None)
-    if track:
-        from rlhf.mlops import mlflow_tracking as mt
+        with _disk_errors_in_one_line(name):
+            return stages.get(name)(params, paths) or {}
+    # The launcher of a group checked the disk and holds the lock for its ranks.
+    with (_disk_errors_in_one_line(name) if launch.in_launched_group()
+          else _one_at_a_time(name, params, paths)):
+        run = contextlib.nullcontext(None)
+        if track:
+            from rlhf.mlops import mlflow_tracking as mt
 
-        mt.ensure_reachable(mt.configure(paths.root))
-        mt.recover(params.registry.experiment, paths.root)
-        run = _tracked_run(name, params, paths, parent_run_id, tags or {})
-    launched = launch.wants_launch(name, params)
-    with run as tracked:
-        with reporting(tracked or NullLogger()) as logger, measure(children=launched) as cost:
-            if launched:
-                launch.run_launched(name, params, paths.root, track=track, on_line=on_line,
-                                    run_id=tracked.run_id if tracked else None)
-                metrics = read_json(paths.metrics_file(info.report or name), produced_by=name)
-            else:
-                metrics = stages.get(name)(params, paths, logger) or {}
-        figures = {f"resources/{key}": value for key, value in cost.items()}
-        if tracked:
-            tracked.log_metrics(figures)
-    return {**{key: value for key, value in metrics.items()
-               if isinstance(value, (int, float, str, bool))}, **figures}
+            mt.ensure_reachable(mt.configure(paths.root))
+            mt.recover(params.registry.experiment, paths.root)
+            run = _tracked_run(name, params, paths, parent_run_id, tags or {})
+        launched = launch.wants_launch(name, params)
+        with run as tracked:
+            with reporting(tracked or NullLogger()) as logger, \
+                    measure(children=launched) as cost:
+                if launched:
+                    launch.run_launched(name, params, paths.root, track=track, on_line=on_line,
+                                        run_id=tracked.run_id if tracked else None)
+                    metrics = read_json(paths.metrics_file(info.report or name),
+                                        produced_by=name)
+                else:
+                    metrics = stages.get(name)(params, paths, logger) or {}
+            figures = {f"resources/{key}": value for key, value in cost.items()}
+            if tracked:
+                tracked.log_metrics(figures)
+        return {**{key: value for key, value in metrics.items()
+                   if isinstance(value, (int, float, str, bool))}, **figures}
+
+
+@contextlib.contextmanager
+def _one_at_a_time(name: str, params: Params, paths: Paths):
+    """Check the disk, then hold `.rlhf/locks/<stage>.lock`: a second run of the stage in this
+    project stops with one line naming the first, instead of interleaving writes and pruning
+    its checkpoints. The kernel drops the lock when its holder dies, kill -9 included."""
+    _check_disk(name, params, paths)
+    path = paths.root / ".rlhf" / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"stage {name} is already running in {paths.root.resolve()} "
+                            f"({holder}); wait for it to end, or stop it") from None
+        handle.truncate(0)
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        with _disk_errors_in_one_line(name):
+            yield
+
+
+# How a full or read-only disk surfaces: OSError, safetensors' IoError, torch's zip writer.
+_DISK_TROUBLE = re.compile(r"No space left|StorageFull|Disk quota|Read-only file system|"
+                           r"unexpected pos|file write failed")
+
+
+@contextlib.contextmanager
+def _disk_errors_in_one_line(name: str):
+    try:
+        yield
+    except Exception as exc:
+        if not _DISK_TROUBLE.search(str(exc)):
+            raise
+        where = getattr(exc, "filename", None) or "its outputs"
+        why = _DISK_TROUBLE.search(str(exc))[0]
+        raise UserError(f"stage {name} could not write {where} ({why}); "
+                        "its previous outputs and checkpoints are kept: free some space and "
+                        "rerun it to resume") from None
+
+
+def _mb(size: float) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _check_disk(name: str, params: Params, paths: Paths) -> None:
+    """Before any work: the stage's folders are writable and have room for its outputs and
+    checkpoints, estimated from the size of the weights it starts from."""
+    info = stages.info(name)
+    base = params.model.name_or_path
+    start = next((folder for folder in (paths.sft, Path(base)) if folder.is_dir()), None)
+    if start is not None:
+        weights = sum(f.stat().st_size for f in start.glob("*.safetensors"))
+    elif base == "builtin":
+        from rlhf.data.builtin_sort import ALPHABET
+        from rlhf.models.builtin import weight_bytes
+
+        weights = weight_bytes(params.model, ALPHABET)
+    else:  # a hub model not downloaded yet: its size is unknown here
+        weights = 0
+    checkpoint = 3 * weights * info.trained_models  # weights and Adam's two moments
+    # The newest `keep` checkpoints and the one being written, less those already there.
+    checkpoints = ((params.train.checkpoint_keep + 1) * checkpoint
+                   - _folder_bytes(paths.checkpoints / name))
+    for folder, need in ((paths.root / "models", weights * info.saved_models),
+                         (paths.checkpoints, checkpoints), (paths.metrics, 0)):
+        folder = folder.resolve()
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as exc:
+            raise UserError(f"stage {name} cannot write in {existing} ({exc.strerror}); make "
+                            "it writable, or run the project from another folder") from None
+        free = shutil.disk_usage(existing).free
+        if need > free:
+            lower = (" or lower train.checkpoint_keep" if folder.name == "checkpoints" else "")
+            raise UserError(f"stage {name} needs about {_mb(need)} free in {existing} for its "
+                            f"{folder.name}, which has {_mb(free)}; free some space{lower}")

@@ -57,3 +57,10 @@ def save_builtin(cfg: ModelConfig, alphabet: list[str], out_dir: Path) -> Path:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def weight_bytes(cfg: ModelConfig, alphabet: list[str]) -> int:
+    """The size of the builtin model's fp32 weights, from its shapes alone (nothing built)."""
+    with torch.device("meta"):
+        model = build_model(cfg, build_tokenizer(alphabet))
+    return 4 * sum(p.numel() for p in model.parameters())  # tied embeddings counted once

@@ -28,16 +28,23 @@ class StageInfo:
     """Its metrics file is metrics/<report>.json (default: the stage's name)."""
     needs_tracking: bool = False
     """Talks to MLflow by nature: skipped by `rlhf run --no-track`, refused by `rlhf stage`."""
+    saved_models: int = 0
+    """Model-sized outputs it writes under models/ (for the free-space check before it runs)."""
+    trained_models: int = 0
+    """Models it trains: each checkpoint holds their weights and Adam's two moments."""
 
 
 REGISTRY: dict[str, StageInfo] = {
     "prepare": StageInfo("rlhf.stages.prepare", retries=2),  # may download a dataset
-    "sft": StageInfo("rlhf.stages.sft", launchable=True, retries=1,
+    "sft": StageInfo("rlhf.stages.sft", launchable=True, retries=1, saved_models=1,
+                     trained_models=1,
                      batch=lambda p: ("sft.batch_size", p.sft.batch_size, {})),
-    "reward": StageInfo("rlhf.stages.reward", launchable=True, retries=1,
+    "reward": StageInfo("rlhf.stages.reward", launchable=True, retries=1, saved_models=1,
+                        trained_models=1,
                         batch=lambda p: ("reward.batch_size", p.reward.batch_size, {})),
-    "reference": StageInfo("rlhf.stages.reference"),
-    "ppo": StageInfo("rlhf.stages.ppo", launchable=True, retries=1,
+    "reference": StageInfo("rlhf.stages.reference", saved_models=1),
+    "ppo": StageInfo("rlhf.stages.ppo", launchable=True, retries=1, saved_models=1,
+                     trained_models=2,  # the policy and its value model
                      batch=lambda p: ("ppo.batch_size", p.ppo.batch_size,
                                       {"ppo.num_minibatches": p.ppo.num_minibatches})),
     "evaluate": StageInfo("rlhf.stages.evaluate", launchable=True, report="eval"),
