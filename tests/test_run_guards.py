@@ -140,3 +140,25 @@ def test_a_disk_that_fills_up_mid_run_is_one_line_and_keeps_the_checkpoint(prepa
     assert lines[0].startswith("error: stage sft could not write") and "No space left" in lines[0]
     kept = [p for p in folder.glob("step-*") if (p / "trainer_state.json").exists()]
     assert kept, "the previous checkpoint is gone"
+
+
+def test_an_unreachable_hub_fails_in_one_line_without_retries(tmp_path):
+    """A hub model id while the hub cannot be reached (a closed port stands in for no network):
+    the stage goes offline at once and fails on the uncached model in one error line, instead
+    of a minute of retry lines."""
+    from rlhf.mlops.launch import free_port
+
+    (tmp_path / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RLHF_NO_PROGRESS": "1",
+           "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "rlhf.cli", "stage", "prepare", "--no-track", "--set",
+         "model.name_or_path=someone/no-such-model", "--set", "data.source=someone/prefs"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert "cannot be reached" in lines[0] and "Retrying" not in result.stderr
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(lines) == 2 and len(errors) == 1, result.stderr
+    assert "someone/no-such-model" in errors[0] and "check model.name_or_path" in errors[0]

@@ -24,6 +24,7 @@ import re
 import shutil
 import socket
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Optional
 
@@ -70,6 +71,7 @@ def run_stage(name: str, params: Params, root: Path, parent_run_id: Optional[str
     paths = Paths(root)
     if info.needs_tracking and not track:
         raise UserError(f"stage {name} talks to the MLflow registry: run it without --no-track")
+    _offline_if_hub_unreachable(params, paths)
     if launch.rank() != 0:  # another rank of a launched group: rank 0 tracks and reports
         with _disk_errors_in_one_line(name):
             return stages.get(name)(params, paths) or {}
@@ -185,3 +187,23 @@ def _check_disk(name: str, params: Params, paths: Paths) -> None:
             lower = (" or lower train.checkpoint_keep" if folder.name == "checkpoints" else "")
             raise UserError(f"stage {name} needs about {_mb(need)} free in {existing} for its "
                             f"{folder.name}, which has {_mb(free)}; free some space{lower}")
+
+
+def _offline_if_hub_unreachable(params: Params, paths: Paths) -> None:
+    """Go offline at once when a hub id is named and the hub cannot be reached: its client
+    would retry each file for a minute; offline, what is cached still loads and anything else
+    fails in one line. (Set before the stage imports the hub client, which reads it once.)"""
+    named = (params.model.name_or_path, params.data.source, params.data.sft_source,
+             params.data.prompts_source)
+    if os.environ.get("HF_HUB_OFFLINE") or not any(
+            name and name != "builtin" and not (paths.root / name).exists()
+            and not Path(name).exists() for name in named):
+        return
+    hub = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((hub.hostname, hub.port or 443), timeout=5).close()
+    except OSError as exc:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        logging.getLogger("rlhf").warning(
+            f"the hub {hub.geturl()} cannot be reached ({exc.strerror or exc}): only models "
+            "and datasets in the local cache can load")

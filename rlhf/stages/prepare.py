@@ -91,6 +91,8 @@ def load_data_tokenizer(params: Params, paths: Paths):
     base = resolve_base_model(params.model, paths)
     try:
         return load_tokenizer(base, params.model.trust_remote_code, params.model.revision)
+    except UserError:  # load_tokenizer's own line already names the model and the fix
+        raise
     except Exception as exc:  # OSError, ValueError...: all mean the same fix
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
