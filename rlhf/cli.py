@@ -88,6 +88,13 @@ def _load(params_file: Path, overrides: Optional[List[str]]):
     return load_params(params_file, overrides or [])
 
 
+def _ensure_tracking(root: Path) -> None:
+    """Before Prefect starts: an unreachable tracking server is one line, not a hang."""
+    from rlhf.mlops import mlflow_tracking as mt
+
+    mt.ensure_reachable(mt.configure(Path(root).resolve()))
+
+
 def _tracking_available() -> bool:
     try:
         import mlflow  # noqa: F401
@@ -167,10 +174,7 @@ def run(
         _load(params_file, overrides)
         track = track and _tracking_available()
         if track:
-            from rlhf.mlops import mlflow_tracking as mt
-
-            # Before Prefect starts: an unreachable server is one line, not a hang.
-            mt.ensure_reachable(mt.configure(Path(root).resolve()))
+            _ensure_tracking(root)
         if fresh:
             from rlhf.stages import REGISTRY
 
@@ -240,6 +244,7 @@ def promote(
     user_errors_in_one_line(caller_prints_error=True)
     try:
         _load(params_file, None)
+        _ensure_tracking(root)
         with temporary_server(Path(root)):
             decision = promote_flow(str(params_file), version, str(root))
     except UserError as exc:
