@@ -12,9 +12,11 @@ A checkpoint is one directory, `checkpoints/<stage>/step-00000013/`, written ato
 A stage asks `resume()` once everything is built. With the same seed on CPU in fp32 the
 resumed run is the uninterrupted run: same per-step history, same final weights, byte for
 byte. A checkpoint whose fingerprint (the params that shape training and the content hashes
-of the inputs) differs from the current one is refused with one line naming what differs;
-`--fresh` (or deleting the directory) starts over. A stage that finished marks its last
-checkpoint `complete`, and the next run of that stage starts fresh.
+of the inputs, named relative to the project so a moved or copied project resumes) differs
+from the current one is refused with one line naming what differs; `--fresh` (or deleting the
+directory) starts over. A stage that finished marks its last checkpoint `complete`, and the next
+run of that stage starts fresh. A damaged checkpoint (a file emptied or cut short after it was
+written) is skipped with one line naming the file, and the run resumes from the one before it.
 
 Only the last `train.checkpoint_keep` checkpoints are kept, so disk use stays bounded.
 """
@@ -23,12 +25,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
+from safetensors import safe_open
 
 from rlhf.errors import UserError
 from rlhf.io import atomic_dir, atomic_write_text, sha256_file, sha256_files
@@ -49,9 +54,10 @@ _NOT_SHAPING = {"checkpoint_every", "checkpoint_keep", "num_threads", "log_every
 
 
 def fingerprint(flat_params: Mapping[str, Any], sections: Iterable[str],
-                inputs: Iterable[Path]) -> dict:
+                inputs: Iterable[Path], root: Path) -> dict:
     """What defines a training run: the params under `sections` (`section` or `section.key`)
-    that shape it, and the sha256 of each input file or directory (names and contents)."""
+    that shape it, and the sha256 of each input file or directory (names and contents), named
+    relative to the project `root` (an input outside it, such as a base model, as given)."""
     sections = tuple(sections)
     params = {key: value for key, value in flat_params.items()
               if key.split(".")[-1] not in _NOT_SHAPING
@@ -60,10 +66,17 @@ def fingerprint(flat_params: Mapping[str, Any], sections: Iterable[str],
     for path in inputs:
         path = Path(path)
         if path.is_dir():
-            hashes[str(path)] = sha256_files((p for p in path.rglob("*") if p.is_file()), path)
+            hashes[_name(path, root)] = sha256_files((p for p in path.rglob("*") if p.is_file()),
+                                                     path)
         elif path.exists():
-            hashes[str(path)] = sha256_file(path)
+            hashes[_name(path, root)] = sha256_file(path)
     return {"params": {k: params[k] for k in sorted(params)}, "inputs": hashes}
+
+
+def _name(path: Path, root: Path) -> str:
+    # abspath, not resolve: an input linked from DVC's cache keeps its name in the project.
+    path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
 
 def differences(saved: dict, current: dict) -> list[str]:
@@ -98,6 +111,33 @@ def checkpoint_dirs(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def damage(checkpoint: Path, thorough: bool = False) -> Optional[str]:
+    """The first file of `checkpoint` that is damaged (emptied, cut short), and how; None if
+    none is found. Only headers and zip directories are read, unless `thorough`: then the torch
+    files are unpickled too (the optimizer's state is twice the model's size)."""
+    for path in sorted(Path(checkpoint).iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), "pt"):
+                    pass
+            elif path.suffix in (".bin", ".pkl"):  # torch.save writes zip archives
+                zipfile.ZipFile(path).close()
+                if thorough:
+                    from accelerate.utils import load  # how load_state unpickles them
+
+                    load(path, map_location="cpu")
+            elif path.name == STATE_FILE:
+                json.loads(path.read_text())
+        except Exception as exc:  # noqa: BLE001 - whatever reading it raises, it is unreadable
+            return f"{path.name} is damaged ({_first_line(exc)})"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
 def read_state(checkpoint: Path) -> dict:
     try:
         return json.loads((Path(checkpoint) / STATE_FILE).read_text())
@@ -109,11 +149,20 @@ def read_state(checkpoint: Path) -> dict:
 def resumable(directory: Path) -> Optional[dict]:
     """The trainer state of the checkpoint a rerun would resume from, or None (no checkpoint,
     or the last run finished). The glue reads `tracking_run_id` here to reopen its run."""
-    found = checkpoint_dirs(directory)
-    if not found:
+    for checkpoint in reversed(checkpoint_dirs(directory)):  # as resume() picks it
+        state = _state_or_none(checkpoint)
+        if state is not None and state.get("complete"):
+            return None
+        if damage(checkpoint) is None:
+            return state
+    return None
+
+
+def _state_or_none(checkpoint: Path) -> Optional[dict]:
+    try:
+        return read_state(checkpoint)
+    except UserError:
         return None
-    state = read_state(found[-1])
-    return None if state.get("complete") else state
 
 
 class Checkpoints:
@@ -127,25 +176,46 @@ class Checkpoints:
         self._resumed_from: Optional[int] = None
 
     def resume(self, accelerator) -> Optional[dict]:
-        """Load the newest checkpoint into the prepared objects and return its trainer state,
-        or None to start from step 0. Every process loads; only the main one writes."""
-        found = checkpoint_dirs(self.directory)
-        if not found:
-            return None
-        state = read_state(found[-1])
-        if state.get("complete"):
-            return None
+        """Load the newest whole checkpoint into the prepared objects and return its trainer
+        state, or None to start from step 0. Every process loads; only the main one writes."""
+        damaged = []
+        for checkpoint in reversed(checkpoint_dirs(self.directory)):
+            state = _state_or_none(checkpoint)
+            if state is not None and state.get("complete"):
+                return None
+            problem = damage(checkpoint) or self._load(accelerator, checkpoint, state)
+            if problem is not None:
+                damaged.append(f"{checkpoint}: {problem}")
+                continue
+            if damaged:
+                _log.warning("skipping %s", "; ".join(damaged))
+            self._resumed_from = state["step"]
+            _log.warning("resuming from %s (step %d)", checkpoint, state["step"])
+            return state
+        if damaged:
+            raise UserError(f"no checkpoint can be resumed: {'; '.join(damaged)}; rerun with "
+                            "--fresh to start over")
+        return None
+
+    def _load(self, accelerator, checkpoint: Path, state: dict) -> Optional[str]:
+        """Load a checkpoint whose files look whole; None, or what turned out damaged."""
         diff = differences(state.get("fingerprint", {}), self.fingerprint)
         if diff:
             raise CheckpointMismatch(
-                f"checkpoint {found[-1]} was made by another run ({'; '.join(diff[:4])}"
+                f"checkpoint {checkpoint} was made by another run ({'; '.join(diff[:4])}"
                 f"{'; ...' if len(diff) > 4 else ''}); rerun with the same params and inputs "
                 f"to resume it, or with --fresh to start over")
         _quiet_accelerate()
-        accelerator.load_state(str(found[-1]))
-        self._resumed_from = state["step"]
-        _log.warning("resuming from %s (step %d)", found[-1], state["step"])
-        return state
+        try:
+            accelerator.load_state(str(checkpoint))
+        except Exception:
+            # Damage the headers do not show (a garbled pickle). What load_state restored
+            # before it failed, the next checkpoint's load_state overwrites whole.
+            problem = damage(checkpoint, thorough=True)
+            if problem is None:
+                raise
+            return problem
+        return None
 
     @property
     def resumed_from(self) -> Optional[int]:
@@ -166,9 +236,16 @@ class Checkpoints:
         with atomic_dir(self.directory / f"step-{step:08d}") as tmp:
             accelerator.save_state(str(tmp), safe_serialization=True)
             (tmp / STATE_FILE).write_text(json.dumps(record))
+
+        def is_stale(checkpoint: Path) -> bool:
+            # Later than `step`: damaged ones a resume skipped; kept, they would count as the
+            # newest and push the whole ones out.
+            state = _state_or_none(checkpoint) or {}
+            return (checkpoint.name > f"step-{step:08d}" or state.get("complete")
+                    or state.get("fingerprint") != self.fingerprint)
+
         found = checkpoint_dirs(self.directory)
-        stale = [p for p in found if read_state(p).get("fingerprint") != self.fingerprint
-                 or read_state(p).get("complete")]
+        stale = [p for p in found if is_stale(p)]
         for old in stale + [p for p in found if p not in stale][:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -67,14 +67,14 @@ def run_ok(command: list[str], cwd: Path, env: dict | None = None) -> subprocess
 
 
 def kill_after_first_checkpoint(command: list[str], cwd: Path, stage: str,
-                                env: dict | None = None) -> int:
-    """Start the command, SIGKILL its whole process group as soon as `stage` has written a
-    checkpoint of this run (not a finished run's); return that checkpoint's step."""
+                                env: dict | None = None, checkpoints: int = 1) -> int:
+    """Start the command, SIGKILL its whole process group as soon as `stage` has written
+    `checkpoints` checkpoints of this run (not a finished run's); return the newest one's step."""
     process = subprocess.Popen(command, cwd=cwd, env=env or own_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     directory = cwd / "checkpoints" / stage
     deadline = time.monotonic() + 300
-    while ckpt.resumable(directory) is None:
+    while ckpt.resumable(directory) is None or len(ckpt.checkpoint_dirs(directory)) < checkpoints:
         assert process.poll() is None, f"exited before a {stage} checkpoint: " + \
             process.stderr.read()[-2000:]
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
@@ -198,3 +198,92 @@ def test_orphans_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     other_host.mkdir()
     assert remove_orphans(tmp_path) == [orphan]
     assert live.exists() and other_host.exists() and not orphan.exists()
+
+
+@pytest.fixture(scope="module")
+def sft_runs(trained_upstream, tmp_path_factory) -> tuple[Path, Path]:
+    """An uninterrupted sft run, and one killed after its second checkpoint; see `killed_sft`."""
+    base = tmp_path_factory.mktemp("sft-runs")
+    whole = project(trained_upstream, base / "whole", "sft")
+    run_ok(rlhf_stage(whole, "sft", "--no-track"), whole)
+    killed = project(trained_upstream, base / "killed", "sft")
+    kill_after_first_checkpoint(rlhf_stage(killed, "sft", "--no-track"), killed, "sft",
+                                checkpoints=2)
+    shutil.copytree(killed, base / "as-killed")
+    return whole, killed
+
+
+def killed_sft(sft_runs) -> Path:
+    """The killed sft project as its kill left it, in its own place (its checkpoints' paths)."""
+    killed = sft_runs[1]
+    shutil.rmtree(killed)
+    shutil.copytree(killed.with_name("as-killed"), killed)
+    return killed
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def garble_pickle(path: Path) -> None:
+    """Break the pickle inside a torch file, its zip directory intact: only unpickling shows
+    it, after load_state has loaded the files before it (the model, the optimizer)."""
+    data = path.read_bytes()
+    start = data.index(b"\x80\x02", data.index(b"data.pkl"))  # pickle protocol 2
+    path.write_bytes(data[:start] + b"XX" + data[start + 2:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, damage", [
+    ("model.safetensors", truncate), ("optimizer.bin", truncate), ("scheduler.bin", empty),
+    ("scheduler.bin", garble_pickle)])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(name, damage, sft_runs):
+    whole, root = sft_runs[0], killed_sft(sft_runs)
+    *_, older, newest = ckpt.checkpoint_dirs(root / "checkpoints" / "sft")
+    older_step = ckpt.read_state(older)["step"]
+    damage(newest / name)
+
+    result = run_ok(rlhf_stage(root, "sft", "--no-track"), root)
+    assert "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines()
+                if newest.name in line and name in line]) == 1
+    assert f"resuming from {older}" in result.stderr
+    final = ckpt.read_state(ckpt.checkpoint_dirs(root / "checkpoints" / "sft")[-1])
+    assert final["complete"] and final["resumed_from"] == older_step
+    # Whatever load_state took from the damaged checkpoint, the older one replaced it all.
+    assert tree_hashes(root / "models" / "sft") == tree_hashes(whole / "models" / "sft")
+
+
+@pytest.mark.slow
+def test_no_whole_checkpoint_is_one_line_naming_fresh(sft_runs):
+    root = killed_sft(sft_runs)
+    found = ckpt.checkpoint_dirs(root / "checkpoints" / "sft")
+    for checkpoint in found:
+        truncate(checkpoint / "model.safetensors")
+
+    result = subprocess.run(rlhf_stage(root, "sft", "--no-track"), cwd=root, env=own_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "--fresh" in line]
+    assert line.startswith("error:") and line.count("model.safetensors is damaged") == len(found)
+
+
+@pytest.mark.slow
+def test_a_copied_project_resumes_its_interrupted_stage(sft_runs, tmp_path):
+    """Checkpoints name their inputs relative to the project: a moved or copied project
+    resumes where the original stopped, and ends where an uninterrupted run ends."""
+    whole, killed = sft_runs[0], killed_sft(sft_runs)
+    copy = tmp_path / "elsewhere" / "project"
+    shutil.copytree(killed, copy)
+    newest = ckpt.checkpoint_dirs(copy / "checkpoints" / "sft")[-1]
+
+    result = run_ok(rlhf_stage(copy, "sft", "--no-track"), copy)
+    assert f"resuming from {newest}" in result.stderr
+    assert tree_hashes(copy / "models" / "sft") == tree_hashes(whole / "models" / "sft")
+    inputs = ckpt.read_state(ckpt.checkpoint_dirs(copy / "checkpoints" / "sft")[-1])[
+        "fingerprint"]["inputs"]
+    assert sorted(inputs) == ["data/prepared/sft.jsonl", "models/base"]

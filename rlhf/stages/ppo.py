@@ -431,7 +431,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         paths.checkpoints / "ppo",
         ckpt.fingerprint(params.flat(), FINGERPRINT_PARAMS,
                          [paths.prepared / "rl_prompts.jsonl", paths.prepared / "sft.jsonl",
-                          paths.sft, paths.reward, paths.reference]),
+                          paths.sft, paths.reward, paths.reference], paths.root),
         params.train.checkpoint_keep, tracking_run_id=getattr(logger, "run_id", None))
     history: list[dict] = []
     first_step = 1

@@ -135,7 +135,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         ckpt.fingerprint(params.flat(), FINGERPRINT_PARAMS,
                          [paths.prepared / "preference_train.jsonl",
                           paths.prepared / "preference_eval.jsonl",
-                          paths.prepared / "rl_prompts.jsonl", paths.sft]),
+                          paths.prepared / "rl_prompts.jsonl", paths.sft], paths.root),
         params.train.checkpoint_keep, tracking_run_id=getattr(logger, "run_id", None))
     history, step, seconds = train_epochs(  # history: (loss, accuracy) per step
         "reward", model, loader, optimizer, scheduler, accelerator, checkpoints, total_steps,

@@ -97,7 +97,8 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     # Resume from the newest checkpoint of an interrupted run with the same params and inputs.
     checkpoints = ckpt.Checkpoints(
         paths.checkpoints / "sft",
-        ckpt.fingerprint(params.flat(), FINGERPRINT_PARAMS, [paths.prepared / "sft.jsonl", Path(base)]),
+        ckpt.fingerprint(params.flat(), FINGERPRINT_PARAMS, [paths.prepared / "sft.jsonl", Path(base)],
+                         paths.root),
         params.train.checkpoint_keep, tracking_run_id=getattr(logger, "run_id", None))
     losses, step, seconds = train_epochs(
         "sft", model, loader, optimizer, scheduler, accelerator, checkpoints, total_steps, logger,
