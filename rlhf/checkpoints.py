@@ -103,7 +103,7 @@ def set_generator_state(generator: torch.Generator, state: list[int]) -> None:
 
 def checkpoint_dirs(directory: Path) -> list[Path]:
     """A stage's complete checkpoints, oldest first (a directory appears only once its
-    atomic write has finished, so each one listed is whole)."""
+    atomic write has finished, so each one listed was whole; `damage` tells if it still is)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -121,7 +121,8 @@ def damage(checkpoint: Path, thorough: bool = False) -> Optional[str]:
                 with safe_open(str(path), "pt"):
                     pass
             elif path.suffix in (".bin", ".pkl"):  # torch.save writes zip archives
-                zipfile.ZipFile(path).close()
+                with zipfile.ZipFile(path):
+                    pass
                 if thorough:
                     from accelerate.utils import load  # how load_state unpickles them
 
