@@ -1,6 +1,7 @@
 """Tracking faults for real: a `mlflow server` process that is killed (SIGKILL) in the middle
-of PPO and started again, an unreachable or silent server at start, a stage killed with
-SIGKILL. No mocks: `rlhf stage` runs in a subprocess, as a user runs it.
+of PPO and started again, an unreachable or silent server at start, a web server that is not
+MLflow, a stage killed with SIGKILL (and resumed). No mocks: `rlhf stage` runs in a
+subprocess, as a user runs it. A server that hangs mid-PPO: test_tracking_stalls.py.
 """
 
 from __future__ import annotations
@@ -115,6 +116,21 @@ def _ppo_run(client: MlflowClient, experiment: str = "rlhf"):
     return runs[0] if runs else None
 
 
+def _every_step_once(client: MlflowClient, run_id: str, project: Path) -> tuple[int, int]:
+    """(metric values expected, values missing) for the run against ppo_history.csv; fails if
+    a key holds a step twice."""
+    with open(project / "metrics" / "ppo_history.csv") as handle:
+        history = list(csv.DictReader(handle))
+    expected = {key: {int(row["step"]) for row in history if row.get(key) not in (None, "")}
+                for key in history[0] if key != "step"}
+    lost = 0
+    for key, wanted in expected.items():
+        got = [m.step for m in client.get_metric_history(run_id, key)]
+        assert len(got) == len(set(got)), f"{key} sent twice: {sorted(got)}"
+        lost += len(wanted - set(got))
+    return sum(map(len, expected.values())), lost
+
+
 def _buffered_steps(project: Path) -> int:
     steps = set()
     for path in (project / ".rlhf" / "mlflow-buffer").glob("*.jsonl"):
@@ -176,17 +192,7 @@ def test_mlflow_server_killed_mid_ppo_loses_no_metric(mlflow_server, tiny_upstre
 
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
-    with open(project / "metrics" / "ppo_history.csv") as handle:
-        history = list(csv.DictReader(handle))
-    assert len(history) == steps
-    expected = {key: {int(row["step"]) for row in history if row.get(key) not in (None, "")}
-                for key in history[0] if key != "step"}
-    lost = 0
-    for key, wanted in expected.items():
-        got = [m.step for m in client.get_metric_history(run.info.run_id, key)]
-        assert len(got) == len(set(got)), f"{key} sent twice"
-        lost += len(wanted - set(got))
-    total = sum(map(len, expected.values()))
+    total, lost = _every_step_once(client, run.info.run_id, project)
     print(f"\noutage mid-PPO: at least {during} steps buffered while the server was down; "
           f"{total} metric values over {steps} steps expected in MLflow, lost {lost}")
     assert lost == 0
@@ -218,6 +224,82 @@ def test_unreachable_server_is_one_line(tiny_upstream):
                 assert seconds < 30, (command, seconds)
     finally:
         silent.close()
+
+
+def test_a_web_server_that_is_not_mlflow_is_one_line(tiny_upstream, tmp_path):
+    """A plain HTTP server (answers /health like anything else) as MLFLOW_TRACKING_URI: one
+    line naming the URI (password hidden) and the problem, not MLflow's 72-line exception."""
+    port = free_port()
+    web = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
+                            "127.0.0.1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "http.server did not start"
+                time.sleep(0.2)
+        uri = f"http://rlhf:{SECRET}@127.0.0.1:{port}"
+        env = cli_env(MLFLOW_TRACKING_URI=uri)
+        for command in (["stage", "reference"], ["run"]):
+            result = rlhf(*command, env=env, cwd=tiny_upstream, timeout=60)
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 2, result.stdout + result.stderr
+            assert len(lines) == 1, result.stderr
+            assert f"http://rlhf:<redacted>@127.0.0.1:{port}" in lines[0]
+            assert "is not an MLflow tracking server" in lines[0] and "--no-track" in lines[0]
+            assert SECRET not in result.stdout + result.stderr
+    finally:
+        os.killpg(web.pid, signal.SIGKILL)
+        web.wait()
+
+
+def test_resumed_stage_logs_each_step_once(tiny_upstream):
+    """kill -9 of `rlhf stage ppo` between two checkpoints, then `rlhf stage ppo` again: it
+    resumes from the checkpoint and continues the same MLflow run, which holds every step
+    once (the steps between the checkpoint and the kill are replayed, not logged twice)."""
+    project = tiny_upstream
+    env = cli_env()
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    client.search_experiments()  # the store exists before the stage starts (see below)
+    sets = ["--set", "ppo.steps=24", "--set", "ppo.checkpoint_every=8"]
+    stderr = (project.parent / "stage.err").open("w+")
+    stage = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "stage", "ppo", *sets],
+                             cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # killed a few steps after the first checkpoint (step 8)
+            run = _ppo_run(client)
+            logged = len(client.get_metric_history(run.info.run_id, "objective/kl")) if run else 0
+            if logged >= 11:
+                break
+            if stage.poll() is not None:
+                stderr.seek(0)
+                pytest.fail(f"rlhf stage ppo exited {stage.returncode}: {stderr.read()}")
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        os.kill(stage.pid, signal.SIGKILL)
+        stage.wait()
+    finally:
+        if stage.poll() is None:
+            os.killpg(stage.pid, signal.SIGKILL)
+    logged = max(m.step for m in client.get_metric_history(run.info.run_id, "objective/kl"))
+    saved = max(int(p.name.split("-")[1]) for p in (project / "checkpoints" / "ppo").glob("step-*"))
+    assert saved < logged, (saved, logged)  # steps saved+1..logged are replayed
+
+    result = rlhf("stage", "ppo", *sets, env=env, cwd=project)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resuming from" in result.stderr
+    assert _ppo_run(client).info.run_id == run.info.run_id
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    total, lost = _every_step_once(client, run.info.run_id, project)
+    print(f"\nresumed PPO: killed at step {logged}, resumed from step {saved}; "
+          f"{total} metric values, each step once, lost {lost}")
+    assert lost == 0
 
 
 def test_killed_stage_run_is_ended_killed_by_the_next_start(tiny_upstream):

@@ -7,16 +7,16 @@ goes through `RunBuffer.write`:
 - while nothing is pending it is sent at once; if the server does not answer (connection
   refused, timeout, 5xx) the write is appended to `<root>/.rlhf/mlflow-buffer/<run_id>.jsonl`
   and the run goes *offline* (one warning line on stderr);
-- while offline every write is appended, in order, and at most every `RETRY_SECONDS` a quick
-  health probe decides whether to replay the file: records are sent in order with their
-  original steps and timestamps, and the file shrinks as they land;
-- whatever is still there when the process ends is sent by the next command (`rlhf sync`,
-  or the start of the next `rlhf run` / `rlhf stage`).
+- while offline every write is appended, in order, and at most every `RETRY_SECONDS` a short
+  probe (`PROBE_TIMEOUT`) decides whether to replay the file: records are sent in order with
+  their original steps and timestamps, and the file shrinks as they land;
+- when the run ends, replaying may take `END_SECONDS`; whatever is still there is sent by the
+  next command (`rlhf sync`, or the start of the next `rlhf run` / `rlhf stage`).
 
 Replaying is idempotent: MLflow keeps one metric value per (key, step, timestamp, value), so a
 record sent twice (a crash between sending and trimming the file) is not counted twice.
-MLflow's HTTP client would retry a dead server for minutes; `http_defaults` shortens that
-(unless the user set MLFLOW_HTTP_REQUEST_* themselves) so a failed write costs seconds.
+MLflow's HTTP client would wait on a dead or hung server for minutes; `http_defaults` shortens
+that (unless the user set MLFLOW_HTTP_REQUEST_* themselves) so a failed write costs seconds.
 """
 
 from __future__ import annotations
@@ -36,26 +36,35 @@ from rlhf.redact import redact_text, redact_value
 BUFFER_DIR = Path(".rlhf") / "mlflow-buffer"
 RETRY_SECONDS = float(os.environ.get("RLHF_MLFLOW_RETRY_SECONDS", "15"))
 """How often an offline run probes the server (a probe costs at most PROBE_TIMEOUT)."""
-PROBE_TIMEOUT = 3.0
+PROBE_TIMEOUT = 1.5  # training waits on an offline run's probes
+END_SECONDS = 8.0  # then one try to end the run (<= 6 s): a hung server costs a run's end ~15 s
 MAX_BATCH = 900  # MLflow's log_batch takes at most 1000 metrics
+API_CHECK = "/api/2.0/mlflow/experiments/search"
+NOT_MLFLOW = "is not an MLflow tracking server"
 
 HTTP_DEFAULTS = {
     # MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) give minutes of silence
-    # per call against a dead server; these give a few seconds, then the buffer takes over.
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    # per call against a dead or hung server (one that accepts and never answers); these give
+    # two tries of 3 s (MLflow uses the timeout for connect and read), then the buffer takes
+    # over. An MLflow server answers in milliseconds; the timeout bounds silence, not uploads.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
 }
 
 _root: Optional[Path] = None
-_locks: dict[str, threading.Lock] = {}
+_locks: dict[str, threading.RLock] = {}
 _locks_guard = threading.Lock()
 
 
 def http_defaults() -> None:
-    """Short retries for MLflow's HTTP client, unless the user chose their own."""
+    """Short timeouts and retries for MLflow's HTTP client, unless the user chose their own."""
+    import logging
+
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    # urllib3 prints a line per retry; the buffer's one warning says what matters.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def set_root(project_root: Path | None) -> None:
@@ -72,9 +81,9 @@ def buffer_dir(project_root: Path) -> Path:
     return Path(project_root) / BUFFER_DIR
 
 
-def _lock(path: Path) -> threading.Lock:
+def _lock(path: Path) -> threading.RLock:
     with _locks_guard:
-        return _locks.setdefault(str(path), threading.Lock())
+        return _locks.setdefault(str(path), threading.RLock())
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -90,7 +99,7 @@ def is_outage(exc: BaseException) -> bool:
         type(exc).__module__.startswith(("requests", "urllib3"))
 
 
-def _reason(exc: BaseException) -> str:
+def outage_reason(exc: BaseException) -> str:
     text = str(exc).lower()
     for needle, reason in (("refused", "connection refused"), ("timed out", "timed out"),
                            ("timeout", "timed out"), ("max retries", "cannot connect")):
@@ -100,28 +109,40 @@ def _reason(exc: BaseException) -> str:
 
 
 def probe(tracking_uri: str, timeout: float = PROBE_TIMEOUT) -> Optional[str]:
-    """None if the tracking server answers, else why not (credentials redacted).
+    """None if the tracking server answers an MLflow API call, else why not (no credentials;
+    starts with NOT_MLFLOW if something else answers).
 
     Only http(s) stores can be down in this sense; a local SQLite store always answers.
     """
     if not tracking_uri.startswith(("http://", "https://")):
         return None
-    import requests
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
 
     try:
-        response = requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout)
-    except requests.exceptions.ConnectTimeout:
-        return f"no answer within {timeout:g} s"
-    except requests.exceptions.ConnectionError as exc:
-        reason = "connection refused" if "refused" in str(exc).lower() else "cannot connect"
-        return reason
-    except requests.RequestException as exc:
-        return redact_text(f"{type(exc).__name__}")
-    if response.status_code in (401, 403):
-        return f"answered {response.status_code}: check the credentials in the URI or " \
+        # An API call, not /health, which any web server may answer; MLflow's own client
+        # sends it, with the credentials and TLS settings the run's writes will use.
+        response = http_request(get_default_host_creds(tracking_uri), API_CHECK, "GET",
+                                params={"max_results": 1}, max_retries=0, timeout=timeout,
+                                raise_on_status=False)
+    except Exception as exc:
+        text = str(exc).lower()
+        if "timed out" in text or "timeout" in text:
+            return f"no answer within {timeout:g} s"
+        return "connection refused" if "refused" in text else "cannot connect"
+    code = response.status_code
+    if code in (401, 403):
+        return f"answered {code}: check the credentials in the URI or " \
                "MLFLOW_TRACKING_USERNAME/PASSWORD"
-    if response.status_code >= 500:
-        return f"answered {response.status_code}"
+    if code >= 500:
+        return f"answered {code}"
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if code != 200 or not isinstance(body, dict):
+        return f"{NOT_MLFLOW} (GET {API_CHECK} answered {code}" \
+               f"{'' if code != 200 else ', not MLflow JSON'})"
     return None
 
 
@@ -153,27 +174,33 @@ class RunBuffer:
             except Exception as exc:
                 if not is_outage(exc):
                     raise
-                self._append(record)
-                self._last_attempt = time.monotonic()
+                self.keep(record, exc)
+
+    def keep(self, record: dict[str, Any], exc: Optional[BaseException] = None) -> None:
+        """Append `record` without trying the server (it just failed with `exc`)."""
+        with _lock(self.path):
+            self._append(record)
+            self._last_attempt = time.monotonic()
+            if exc is not None:
                 self._warn(exc)
 
-    def flush(self, client, force: bool = True) -> bool:
-        """Replay the file now (force) or if the probe interval passed; True if empty after."""
+    def flush(self, client, force: bool = True, deadline: Optional[float] = None) -> bool:
+        """Replay the file now (force) or if the probe interval passed, until `deadline`
+        (time.monotonic()); True if empty after."""
         with _lock(self.path):
-            return self._maybe_flush(client, force=force)
-
-    def keep_artifact(self, path: Path) -> str:
-        """Copy a file or folder into the buffer (it may change before it can be sent)."""
-        name = f"{uuid.uuid4().hex[:8]}-{Path(path).name}"
-        target = self.files / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if Path(path).is_dir():
-            shutil.copytree(path, target)
-        else:
-            shutil.copy2(path, target)
-        return name
+            return self._maybe_flush(client, force=force, deadline=deadline)
 
     def _append(self, record: dict[str, Any]) -> None:
+        if record["op"] == "artifact" and "path" in record:
+            # A copy: the file may be rewritten before the server is back.
+            source = Path(record["path"])
+            name = f"{uuid.uuid4().hex[:8]}-{source.name}"
+            self.files.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, self.files / name)
+            else:
+                shutil.copy2(source, self.files / name)
+            record = {"op": "artifact", "file": name, "artifact_path": record.get("artifact_path")}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not self.path.exists()
         with open(self.path, "a") as handle:
@@ -191,12 +218,12 @@ class RunBuffer:
             return
         self._warned = True
         print(f"warning: MLflow server {redact_value(self.tracking_uri)} is not answering "
-              f"({_reason(exc)}); training goes on and run {self.run_id}'s metrics are "
+              f"({outage_reason(exc)}); training goes on and run {self.run_id}'s metrics are "
               f"kept in {self.path}; "
               "they are sent when the server is back, or by `rlhf sync`",
               file=sys.stderr, flush=True)
 
-    def _maybe_flush(self, client, force: bool = False) -> bool:
+    def _maybe_flush(self, client, force: bool = False, deadline: Optional[float] = None) -> bool:
         if not self.pending():
             return True
         now = time.monotonic()
@@ -205,7 +232,7 @@ class RunBuffer:
         self._last_attempt = now
         if probe(self.tracking_uri) is not None:
             return False
-        sent = replay(self.path, client)
+        sent = replay(self.path, client, deadline)
         if sent is not None and self._warned:
             print(f"MLflow server {redact_value(self.tracking_uri)} is back: sent {sent} "
                   f"buffered records of run {self.run_id}", file=sys.stderr, flush=True)
@@ -275,9 +302,9 @@ def _coalesce(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged
 
 
-def replay(path: Path, client) -> Optional[int]:
+def replay(path: Path, client, deadline: Optional[float] = None) -> Optional[int]:
     """Send a buffer file's records in order; the number sent, or None if the server went
-    away again (the file then holds what is left)."""
+    away again or `deadline` (time.monotonic()) passed (the file then holds what is left)."""
     records = _read(path)
     header = next((r for r in records if r["op"] == "header"), {"op": "header"})
     body = [r for r in records if r["op"] != "header"]
@@ -286,6 +313,8 @@ def replay(path: Path, client) -> Optional[int]:
     batches = _coalesce(body)
     for index, record in enumerate(batches):
         try:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("out of time")
             send(client, run_id, record, files)
         except Exception as exc:
             if not is_outage(exc):
@@ -305,27 +334,13 @@ def buffered_runs(project_root: Path) -> list[Path]:
     return sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
 
 
-def sync(project_root: Path, tracking_uri: str, client,
-         run_ids: Optional[Iterable[str]] = None) -> list[tuple[str, Optional[int], str]]:
-    """Send the project's buffered runs (all, or `run_ids`): [(run_id, sent or None, note)]."""
-    results = []
-    shown = redact_value(tracking_uri)
-    wanted = None if run_ids is None else set(run_ids)
-    for path in buffered_runs(project_root):
-        if wanted is not None and path.stem not in wanted:
-            continue
-        records = _read(path)
-        header = next((r for r in records if r["op"] == "header"), {})
-        recorded = header.get("tracking_uri")
-        if recorded and recorded != shown:
-            results.append((path.stem, None, f"recorded for {recorded}, not {shown}; set "
-                                             "MLFLOW_TRACKING_URI to it and run `rlhf sync`"))
-            continue
-        why = probe(tracking_uri)
-        if why is not None:
-            results.append((path.stem, None, f"{shown}: {why}"))
-            continue
-        with _lock(path):
-            sent = replay(path, client)
-        results.append((path.stem, sent, "sent" if sent is not None else "server went away"))
-    return results
+def sync_file(path: Path, tracking_uri: str, client) -> tuple[Optional[int], str]:
+    """Send one buffer file if it was kept for this server: (records sent or None, note)."""
+    header = next((r for r in _read(path) if r["op"] == "header"), {})
+    recorded, shown = header.get("tracking_uri"), redact_value(tracking_uri)
+    if recorded and recorded != shown:
+        return None, f"recorded for {recorded}, not {shown}; set MLFLOW_TRACKING_URI to it " \
+                     "and run `rlhf sync`"
+    with _lock(path):
+        sent = replay(path, client)
+    return sent, "sent" if sent is not None else "server went away"

@@ -120,10 +120,12 @@ class MLflowLogger:
 
     Every call passes `run_id` explicitly, so the logger works from any thread, whether or
     not its run is the thread's active run. With a project root (`configure` sets one) every
-    write survives an outage: see `rlhf.mlops.buffered`.
+    write survives an outage: see `rlhf.mlops.buffered`. `logged` (metric key -> last step in
+    the run) makes a resumed run skip the steps its stage replays from its checkpoint.
     """
 
-    def __init__(self, run_id: str | None = None, project_root: Path | None = None) -> None:
+    def __init__(self, run_id: str | None = None, project_root: Path | None = None,
+                 logged: Mapping[str, int] | None = None) -> None:
         if run_id is None:
             active = mlflow.active_run()
             if active is None:
@@ -131,6 +133,7 @@ class MLflowLogger:
             run_id = active.info.run_id
         self.run_id = run_id
         self._client = MlflowClient()
+        self._logged = dict(logged or {})
         root = project_root or buffered.current_root()
         self._buffer = (buffered.RunBuffer(run_id, root, mlflow.get_tracking_uri())
                         if root is not None else None)
@@ -146,30 +149,18 @@ class MLflowLogger:
             self._buffer.write(record, self._client)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """One batched write; names such as `objective/kl` are kept as they are."""
-        timestamp = int(time.time() * 1000)
-        batch = [[str(name), float(value), timestamp, step or 0]
-                 for name, value in metrics.items()]
+        """One batched write; names such as `objective/kl` are kept as they are. Steps a
+        resumed run already holds are dropped: resuming is exact, they are the same values."""
+        timestamp, step = int(time.time() * 1000), step or 0
+        batch = [[str(name), float(value), timestamp, step] for name, value in metrics.items()
+                 if step > self._logged.get(str(name), -1)]
         if batch:
             self._write({"op": "metrics", "metrics": batch})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        """Upload a file, or a directory's contents, to the run's artifacts."""
-        path = Path(path)
-        if self._buffer is not None and self._buffer.pending():
-            # Offline: keep a copy, the file may be rewritten before the server is back.
-            name = self._buffer.keep_artifact(path)
-            self._write({"op": "artifact", "file": name, "artifact_path": artifact_path})
-            return
-        try:
-            buffered.send(self._client, self.run_id,
-                          {"op": "artifact", "path": str(path), "artifact_path": artifact_path},
-                          Path("."))
-        except Exception as exc:
-            if self._buffer is None or not buffered.is_outage(exc):
-                raise
-            name = self._buffer.keep_artifact(path)
-            self._write({"op": "artifact", "file": name, "artifact_path": artifact_path})
+        """Upload a file, or a directory's contents, to the run's artifacts (a copy is kept
+        while MLflow is away)."""
+        self._write({"op": "artifact", "path": str(Path(path)), "artifact_path": artifact_path})
 
     def log_table(self, name: str, rows, step: int | None = None) -> None:
         """A table artifact `tables/<name>-step<step>.json` (MLflow's table view reads it)."""
@@ -193,25 +184,30 @@ class MLflowLogger:
         if tags:
             self._write({"op": "tags", "tags": redact(tags)})
 
-    def flush(self) -> bool:
-        """Send what an outage kept on disk now; True if nothing is left."""
-        return True if self._buffer is None else self._buffer.flush(self._client)
+    def flush(self, deadline: float | None = None) -> bool:
+        """Send what an outage kept on disk now (until `deadline`, time.monotonic()); True if
+        nothing is left."""
+        return True if self._buffer is None else self._buffer.flush(self._client,
+                                                                    deadline=deadline)
 
     def end(self, status: str) -> None:
         """End this thread's active run (this logger's) with `status`, even while offline:
-        the status is then buffered after the metrics and sent with them."""
-        self.flush()
+        the status is then buffered after the metrics and sent with them. Waits on MLflow
+        for ~15 s at most, then leaves the rest to `rlhf sync`, in one line."""
+        self.flush(deadline=time.monotonic() + buffered.END_SECONDS)
+        why = "before MLflow took all its records"
         try:
             mlflow.end_run(status)  # pops the active run first, then tells the server
         except Exception as exc:
             if self._buffer is None or not buffered.is_outage(exc):
                 raise
-            self._write({"op": "terminate", "status": status,
-                         "end_time": int(time.time() * 1000)})
-            if self._buffer.pending():
-                print(f"warning: run {self.run_id} ends {status} while MLflow is away: "
-                      f"{self._buffer.path} keeps its last records; `rlhf sync` sends them",
-                      file=sys.stderr, flush=True)
+            self._buffer.keep({"op": "terminate", "status": status,
+                               "end_time": int(time.time() * 1000)})
+            why = f"while MLflow server {redact_value(self._buffer.tracking_uri)} is not " \
+                  f"answering ({buffered.outage_reason(exc)})"
+        if self._buffer is not None and self._buffer.pending():
+            print(f"warning: run {self.run_id} ends {status} {why}: {self._buffer.path} keeps "
+                  "what MLflow has not got; `rlhf sync` sends it", file=sys.stderr, flush=True)
 
 
 def default_artifact_location(uri: str) -> str | None:
@@ -307,7 +303,9 @@ def stage_run(
             nested=active is not None,
             tags=all_tags,
         )
-    logger = MLflowLogger(run.info.run_id)
+    # Resumed: the stage replays the steps after its checkpoint; their values are on the server.
+    logged = {m.key: m.step for m in resumed.data.to_proto().metrics} if resumed else None
+    logger = MLflowLogger(run.info.run_id, logged=logged)
     with _ending(logger):
         if resumed is not None:
             # The owner tags now name this process: the run is alive again.
@@ -331,6 +329,11 @@ def owner_tags() -> dict[str, str]:
     return {f"rlhf.{key}": value for key, value in owner.me().items()}
 
 
+def _owner(run) -> dict[str, str]:
+    """The process that `owner_tags` named in the run's tags."""
+    return {key: run.data.tags.get(f"rlhf.{key}", "") for key in ("host", "pid", "pid_start")}
+
+
 @contextlib.contextmanager
 def _ending(logger: MLflowLogger) -> Iterator[None]:
     """End the run FINISHED, FAILED if the body raises, KILLED on Ctrl-C; while MLflow is
@@ -347,10 +350,13 @@ def _ending(logger: MLflowLogger) -> Iterator[None]:
 
 
 def ensure_reachable(uri: str) -> None:
-    """Stop with one line if the tracking server does not answer (within ~10 s)."""
+    """Stop with one line if the tracking server does not answer as MLflow (within ~10 s)."""
     why = buffered.probe(uri, timeout=5.0)
     if why is not None and why.startswith(("no answer", "cannot", "connection")):
         why = buffered.probe(uri, timeout=5.0)  # one more chance: a server still starting
+    if why is not None and why.startswith(buffered.NOT_MLFLOW):
+        raise UserError(f"{redact_value(uri)} {why}; fix MLFLOW_TRACKING_URI, or run without "
+                        "tracking (--no-track)")
     if why is not None:
         raise UserError(f"MLflow tracking server {redact_value(uri)} is unreachable ({why}); "
                         "start it or fix MLFLOW_TRACKING_URI, or run without tracking "
@@ -370,8 +376,7 @@ def end_dead_runs(experiment: str, project_root: Path) -> list[str]:
         max_results=1000)
     ended = []
     for run in runs:
-        tags = run.data.tags
-        who = {key: tags.get(f"rlhf.{key}", "") for key in ("host", "pid", "pid_start")}
+        who = _owner(run)
         if not owner.is_dead(who):
             continue
         run_buffer = buffered.RunBuffer(run.info.run_id, project_root, mlflow.get_tracking_uri())
@@ -391,27 +396,24 @@ def sync_buffers(project_root: Path) -> list[tuple[str, int | None, str]]:
     """Send what outages left in `<root>/.rlhf/mlflow-buffer` to the configured server:
     [(run_id, records sent or None, note)]. A run still alive in another process of this host
     is left to that process (it flushes its own file)."""
-    client = MlflowClient()
+    client, uri = MlflowClient(), mlflow.get_tracking_uri()
     results = []
     for path in buffered.buffered_runs(project_root):
         run_id = path.stem
         try:
             run = client.get_run(run_id)
         except Exception as exc:
-            if buffered.is_outage(exc):
-                why = buffered.probe(mlflow.get_tracking_uri()) or "not answering"
-                results.append((run_id, None, f"{redact_value(mlflow.get_tracking_uri())}: {why}"))
-                continue
-            results.append((run_id, None, "no such run on this server"))
+            results.append((run_id, None, f"{redact_value(uri)}: "
+                            f"{buffered.probe(uri) or 'not answering'}"
+                            if buffered.is_outage(exc) else "no such run on this server"))
             continue
-        tags = run.data.tags
-        who = {key: tags.get(f"rlhf.{key}", "") for key in ("host", "pid", "pid_start")}
+        who = _owner(run)
         if run.info.status == "RUNNING" and who["pid"] and who["host"] == owner.host() \
                 and not owner.is_dead(who):
             results.append((run_id, None, f"still running in process {who['pid']}; it sends "
                                           "its own records"))
             continue
-        results.extend(buffered.sync(project_root, mlflow.get_tracking_uri(), client, [run_id]))
+        results.append((run_id, *buffered.sync_file(path, uri, client)))
     return results
 
 
