@@ -37,7 +37,8 @@ BUFFER_DIR = Path(".rlhf") / "mlflow-buffer"
 RETRY_SECONDS = float(os.environ.get("RLHF_MLFLOW_RETRY_SECONDS", "15"))
 """How often an offline run probes the server (a probe costs at most PROBE_TIMEOUT)."""
 PROBE_TIMEOUT = 1.5  # training waits on an offline run's probes
-END_SECONDS = 8.0  # then one try to end the run (<= 6 s): a hung server costs a run's end ~15 s
+END_SECONDS = 3.0  # replaying at a run's end; with a last batch and one try to end the run
+# (<= 6 s each), a hung server costs a run's end ~8 s, 15 at worst
 MAX_BATCH = 900  # MLflow's log_batch takes at most 1000 metrics
 API_CHECK = "/api/2.0/mlflow/experiments/search"
 NOT_MLFLOW = "is not an MLflow tracking server"
@@ -126,10 +127,8 @@ def probe(tracking_uri: str, timeout: float = PROBE_TIMEOUT) -> Optional[str]:
                                 params={"max_results": 1}, max_retries=0, timeout=timeout,
                                 raise_on_status=False)
     except Exception as exc:
-        text = str(exc).lower()
-        if "timed out" in text or "timeout" in text:
-            return f"no answer within {timeout:g} s"
-        return "connection refused" if "refused" in text else "cannot connect"
+        why = outage_reason(exc)
+        return f"no answer within {timeout:g} s" if why == "timed out" else why
     code = response.status_code
     if code in (401, 403):
         return f"answered {code}: check the credentials in the URI or " \
@@ -184,11 +183,10 @@ class RunBuffer:
             if exc is not None:
                 self._warn(exc)
 
-    def flush(self, client, force: bool = True, deadline: Optional[float] = None) -> bool:
-        """Replay the file now (force) or if the probe interval passed, until `deadline`
-        (time.monotonic()); True if empty after."""
+    def flush(self, client, deadline: Optional[float] = None) -> bool:
+        """Replay the file now, until `deadline` (time.monotonic()); True if empty after."""
         with _lock(self.path):
-            return self._maybe_flush(client, force=force, deadline=deadline)
+            return self._maybe_flush(client, force=True, deadline=deadline)
 
     def _append(self, record: dict[str, Any]) -> None:
         if record["op"] == "artifact" and "path" in record:

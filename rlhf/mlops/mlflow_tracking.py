@@ -364,8 +364,9 @@ def ensure_reachable(uri: str) -> None:
 
 
 def end_dead_runs(experiment: str, project_root: Path) -> list[str]:
-    """Runs of `experiment` left RUNNING by a process of this host that is gone: their
-    buffered records are sent, then they are ended KILLED. Returns their ids."""
+    """Runs of `experiment` left RUNNING by a process of this host that is gone: ended KILLED
+    once their buffered records are sent (`sync_buffers`, which `recover` runs first; a
+    buffer may hold the run's own end). Returns their ids."""
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -377,14 +378,9 @@ def end_dead_runs(experiment: str, project_root: Path) -> list[str]:
     ended = []
     for run in runs:
         who = _owner(run)
-        if not owner.is_dead(who):
-            continue
-        run_buffer = buffered.RunBuffer(run.info.run_id, project_root, mlflow.get_tracking_uri())
-        if run_buffer.pending() and not run_buffer.flush(client):
-            continue  # the server went away again; the next start tries again
-        latest = client.get_run(run.info.run_id)
-        if latest.info.status != "RUNNING":  # the buffer held its end
-            continue
+        if not owner.is_dead(who) or buffered.RunBuffer(
+                run.info.run_id, project_root, mlflow.get_tracking_uri()).pending():
+            continue  # alive, or records not sent yet: the next start tries again
         client.set_tag(run.info.run_id, "rlhf.ended_by",
                        f"a later start: process {who['pid']} on {who['host']} was gone")
         client.set_terminated(run.info.run_id, "KILLED")
@@ -395,7 +391,7 @@ def end_dead_runs(experiment: str, project_root: Path) -> list[str]:
 def sync_buffers(project_root: Path) -> list[tuple[str, int | None, str]]:
     """Send what outages left in `<root>/.rlhf/mlflow-buffer` to the configured server:
     [(run_id, records sent or None, note)]. A run still alive in another process of this host
-    is left to that process (it flushes its own file)."""
+    is left to that process."""
     client, uri = MlflowClient(), mlflow.get_tracking_uri()
     results = []
     for path in buffered.buffered_runs(project_root):
@@ -409,7 +405,7 @@ def sync_buffers(project_root: Path) -> list[tuple[str, int | None, str]]:
             continue
         who = _owner(run)
         if run.info.status == "RUNNING" and who["pid"] and who["host"] == owner.host() \
-                and not owner.is_dead(who):
+                and not owner.is_dead(who):  # alive: it flushes its own file
             results.append((run_id, None, f"still running in process {who['pid']}; it sends "
                                           "its own records"))
             continue
