@@ -193,11 +193,14 @@ def _offline_if_hub_unreachable(params: Params, paths: Paths) -> None:
     """Go offline at once when a hub id is named and the hub cannot be reached: its client
     would retry each file for a minute; offline, what is cached still loads and anything else
     fails in one line. (Set before the stage imports the hub client, which reads it once.)"""
+    from rlhf.data.sources import looks_like_path
+
     named = (params.model.name_or_path, params.data.source, params.data.sft_source,
              params.data.prompts_source)
     if os.environ.get("HF_HUB_OFFLINE") or not any(
-            name and name != "builtin" and not (paths.root / name).exists()
-            and not Path(name).exists() for name in named):
+            name and name != "builtin" and not looks_like_path(name)
+            and not (paths.root / name).exists() and not Path(name).exists()
+            for name in named):
         return
     hub = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
