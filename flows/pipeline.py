@@ -242,7 +242,7 @@ def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None
     user_errors_in_one_line()
     params = load_params(params_file, reveal_overrides(overrides or []))
     project = Path(root).resolve()
-    ensure_reachable(configure(project))
+    ensure_reachable(configure(project), or_else="")
     name = params.registry.model_name
     gate = registry.PromotionGate(**params.promote.model_dump(exclude={"auto"}))
 

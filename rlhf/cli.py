@@ -88,11 +88,11 @@ def _load(params_file: Path, overrides: Optional[List[str]]):
     return load_params(params_file, overrides or [])
 
 
-def _ensure_tracking(root: Path) -> None:
+def _ensure_tracking(root: Path, **or_else: str) -> None:
     """Before Prefect starts: an unreachable tracking server is one line, not a hang."""
     from rlhf.mlops import mlflow_tracking as mt
 
-    mt.ensure_reachable(mt.configure(Path(root).resolve()))
+    mt.ensure_reachable(mt.configure(Path(root).resolve()), **or_else)
 
 
 def _tracking_available() -> bool:
@@ -244,7 +244,7 @@ def promote(
     user_errors_in_one_line(caller_prints_error=True)
     try:
         _load(params_file, None)
-        _ensure_tracking(root)
+        _ensure_tracking(root, or_else="")  # the registry is what promote is about
         with temporary_server(Path(root)):
             decision = promote_flow(str(params_file), version, str(root))
     except UserError as exc:

@@ -211,7 +211,7 @@ def test_unreachable_server_is_one_line(tiny_upstream):
         for target in (port, silent.getsockname()[1]):
             uri = f"http://rlhf:{SECRET}@127.0.0.1:{target}"
             env = cli_env(MLFLOW_TRACKING_URI=uri)
-            for command in (["stage", "reference"], ["run"]):
+            for command in (["stage", "reference"], ["run"], ["promote"]):
                 started = time.monotonic()
                 result = rlhf(*command, env=env, cwd=tiny_upstream, timeout=60)
                 seconds = time.monotonic() - started
@@ -219,7 +219,9 @@ def test_unreachable_server_is_one_line(tiny_upstream):
                 assert result.returncode == 2, result.stdout + result.stderr
                 assert len(lines) == 1, result.stderr
                 assert f"http://rlhf:<redacted>@127.0.0.1:{target}" in lines[0]
-                assert "unreachable" in lines[0] and "--no-track" in lines[0]
+                assert "unreachable" in lines[0]
+                # promote needs the registry: no --no-track to offer there
+                assert ("--no-track" in lines[0]) == (command != ["promote"]), lines[0]
                 assert SECRET not in result.stdout + result.stderr
                 assert seconds < 30, (command, seconds)
     finally:

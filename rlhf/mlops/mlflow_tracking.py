@@ -349,18 +349,17 @@ def _ending(logger: MLflowLogger) -> Iterator[None]:
     logger.end("FINISHED")
 
 
-def ensure_reachable(uri: str) -> None:
-    """Stop with one line if the tracking server does not answer as MLflow (within ~10 s)."""
+def ensure_reachable(uri: str, or_else: str = ", or run without tracking (--no-track)") -> None:
+    """Stop with one line if the tracking server does not answer as MLflow (within ~10 s);
+    `or_else` ends the line with what else the command can do."""
     why = buffered.probe(uri, timeout=5.0)
     if why is not None and why.startswith(("no answer", "cannot", "connection")):
         why = buffered.probe(uri, timeout=5.0)  # one more chance: a server still starting
     if why is not None and why.startswith(buffered.NOT_MLFLOW):
-        raise UserError(f"{redact_value(uri)} {why}; fix MLFLOW_TRACKING_URI, or run without "
-                        "tracking (--no-track)")
+        raise UserError(f"{redact_value(uri)} {why}; fix MLFLOW_TRACKING_URI{or_else}")
     if why is not None:
         raise UserError(f"MLflow tracking server {redact_value(uri)} is unreachable ({why}); "
-                        "start it or fix MLFLOW_TRACKING_URI, or run without tracking "
-                        "(--no-track)")
+                        f"start it or fix MLFLOW_TRACKING_URI{or_else}")
 
 
 def end_dead_runs(experiment: str, project_root: Path) -> list[str]:
