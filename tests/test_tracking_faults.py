@@ -259,6 +259,37 @@ def test_a_web_server_that_is_not_mlflow_is_one_line(tiny_upstream, tmp_path):
         web.wait()
 
 
+def _kill_ppo(client: MlflowClient, project: Path, env: dict, sets: list[str],
+              logged_steps: int, poll: float = 0.5):
+    """Start `rlhf stage ppo`, kill -9 it once its MLflow run holds `logged_steps` steps of
+    objective/kl; (the run, the killed pid)."""
+    # The store exists before the stage starts: two processes creating MLflow's tables in one
+    # SQLite file at once can fail the stage (it did, once in CI).
+    client.search_experiments()
+    stderr = (project.parent / "stage.err").open("w+")
+    stage = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "stage", "ppo", *sets],
+                             cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            run = _ppo_run(client)
+            logged = len(client.get_metric_history(run.info.run_id, "objective/kl")) if run else 0
+            if logged >= logged_steps:
+                break
+            if stage.poll() is not None:
+                stderr.seek(0)
+                pytest.fail(f"rlhf stage ppo exited {stage.returncode}: {stderr.read()}")
+            assert time.monotonic() < deadline
+            time.sleep(poll)
+        os.kill(stage.pid, signal.SIGKILL)
+        stage.wait()
+    finally:
+        if stage.poll() is None:
+            os.killpg(stage.pid, signal.SIGKILL)
+    return run, stage.pid
+
+
 def test_resumed_stage_logs_each_step_once(tiny_upstream):
     """kill -9 of `rlhf stage ppo` between two checkpoints, then `rlhf stage ppo` again: it
     resumes from the checkpoint and continues the same MLflow run, which holds every step
@@ -266,29 +297,9 @@ def test_resumed_stage_logs_each_step_once(tiny_upstream):
     project = tiny_upstream
     env = cli_env()
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    client.search_experiments()  # the store exists before the stage starts (see below)
     sets = ["--set", "ppo.steps=24", "--set", "ppo.checkpoint_every=8"]
-    stderr = (project.parent / "stage.err").open("w+")
-    stage = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "stage", "ppo", *sets],
-                             cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
-                             start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while True:  # killed a few steps after the first checkpoint (step 8)
-            run = _ppo_run(client)
-            logged = len(client.get_metric_history(run.info.run_id, "objective/kl")) if run else 0
-            if logged >= 11:
-                break
-            if stage.poll() is not None:
-                stderr.seek(0)
-                pytest.fail(f"rlhf stage ppo exited {stage.returncode}: {stderr.read()}")
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        os.kill(stage.pid, signal.SIGKILL)
-        stage.wait()
-    finally:
-        if stage.poll() is None:
-            os.killpg(stage.pid, signal.SIGKILL)
+    # killed a few steps after the first checkpoint (step 8)
+    run, _ = _kill_ppo(client, project, env, sets, logged_steps=11, poll=0.1)
     logged = max(m.step for m in client.get_metric_history(run.info.run_id, "objective/kl"))
     saved = max(int(p.name.split("-")[1]) for p in (project / "checkpoints" / "ppo").glob("step-*"))
     assert saved < logged, (saved, logged)  # steps saved+1..logged are replayed
@@ -309,40 +320,17 @@ def test_killed_stage_run_is_ended_killed_by_the_next_start(tiny_upstream):
     ends it KILLED (its process is gone) and leaves live runs alone."""
     project = tiny_upstream
     env = cli_env()
-    # The store is created before the stage starts: two processes creating MLflow's tables
-    # in one SQLite file at once can fail the stage (it did, once in CI).
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    client.search_experiments()
-    stderr = (project.parent / "stage.err").open("w+")
-    stage = subprocess.Popen(
-        [sys.executable, "-m", "rlhf.cli", "stage", "ppo", "--set", "ppo.steps=500"],
-        cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
-        start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            run = _ppo_run(client)
-            if run and client.get_metric_history(run.info.run_id, "objective/kl"):
-                break
-            if stage.poll() is not None:
-                stderr.seek(0)
-                pytest.fail(f"rlhf stage ppo exited {stage.returncode}: {stderr.read()}")
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
-        os.kill(stage.pid, signal.SIGKILL)
-        stage.wait()
-    finally:
-        if stage.poll() is None:
-            os.killpg(stage.pid, signal.SIGKILL)
+    run, pid = _kill_ppo(client, project, env, ["--set", "ppo.steps=500"], logged_steps=1)
     assert client.get_run(run.info.run_id).info.status == "RUNNING"
-    assert client.get_run(run.info.run_id).data.tags["rlhf.pid"] == str(stage.pid)
+    assert client.get_run(run.info.run_id).data.tags["rlhf.pid"] == str(pid)
 
     result = rlhf("stage", "reference", env=env, cwd=project)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"run {run.info.run_id} was left RUNNING" in result.stderr
     killed = client.get_run(run.info.run_id)
     assert killed.info.status == "KILLED"
-    assert str(stage.pid) in killed.data.tags["rlhf.ended_by"]
+    assert str(pid) in killed.data.tags["rlhf.ended_by"]
     reference = client.search_runs([killed.info.experiment_id], "tags.stage = 'reference'")
     assert [r.info.status for r in reference] == ["FINISHED"]
 
