@@ -162,3 +162,24 @@ def test_an_unreachable_hub_fails_in_one_line_without_retries(tmp_path):
     errors = [line for line in lines if line.startswith("error:")]
     assert len(lines) == 2 and len(errors) == 1, result.stderr
     assert "someone/no-such-model" in errors[0] and "check model.name_or_path" in errors[0]
+
+
+def test_a_deployed_flow_run_shows_a_user_error_in_one_line(tmp_path):
+    """A deployment's flow run, as Prefect's engine runs it on a worker (`run_flow` under
+    `handle_engine_signals`, which logs what escapes with its traceback): a user's mistake is
+    Prefect's one state line on the console, with no traceback."""
+    (tmp_path / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
+    script = ("from prefect.engine import handle_engine_signals\n"
+              "from flows.pipeline import rlhf_pipeline\n"
+              "with handle_engine_signals():\n"
+              "    rlhf_pipeline(overrides=['data.source=missing.jsonl'], track=False)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RLHF_NO_PROGRESS": "1",
+           "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+    env.pop("PREFECT_API_URL", None)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    # (the exit code is the engine's: the failed state is reported to Prefect, so 0)
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    naming = [line for line in result.stderr.splitlines() if "missing.jsonl" in line]
+    assert len(naming) == 1 and "Finished in state Failed" in naming[0], result.stderr[-3000:]
