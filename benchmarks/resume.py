@@ -12,7 +12,6 @@ the checkpoint nearest to `--kill-at` of its steps, then rerun (what resume cost
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from rlhf import checkpoints as ckpt
 from rlhf.config import load_params, write_overrides
+from rlhf.io import tree_hashes
 
 OUTPUT = {"sft": "models/sft", "reward": "models/reward", "ppo": "models/policy"}
 COPY = {"sft": ("data",), "reward": ("data", "models"), "ppo": ("data", "models")}
@@ -33,11 +33,6 @@ COPY = {"sft": ("data",), "reward": ("data", "models"), "ppo": ("data", "models"
 def stage_command(root: Path, stage: str) -> list[str]:
     return [sys.executable, "-m", "rlhf.cli", "stage", stage, "--no-track", "--root", str(root),
             "--params", str(root / "params.yaml")]
-
-
-def hashes(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def main() -> None:
@@ -90,7 +85,8 @@ def main() -> None:
         subprocess.run(stage_command(killed, args.stage), env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         resumed = time.perf_counter() - start
-        same = hashes(killed / OUTPUT[args.stage]) == hashes(copies["straight"] / OUTPUT[args.stage])
+        same = (tree_hashes(killed / OUTPUT[args.stage])
+                == tree_hashes(copies["straight"] / OUTPUT[args.stage]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

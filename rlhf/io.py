@@ -170,6 +170,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def tree_hashes(directory: Path) -> dict[str, str]:
+    """{name relative to `directory` (POSIX): sha256} of every file under it."""
+    directory = Path(directory)
+    return {path.relative_to(directory).as_posix(): sha256_file(path)
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
 def sha256_files(paths: Iterable[Path], root: Path) -> str:
     """One hash over several files' relative names and contents."""
     digest = hashlib.sha256()

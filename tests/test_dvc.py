@@ -10,7 +10,6 @@ tests/test_dvc_experiments.py.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.config import write_overrides
+from rlhf.io import sha256_file
 
 from rlhf import stages
 from rlhf.mlops import dag
@@ -93,7 +93,7 @@ def produced(root: Path) -> dict[str, object]:
                     rows = list(csv.DictReader(path.read_text().splitlines()))
                     found[name] = [_without_timing(row) for row in rows]
                 else:
-                    found[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+                    found[name] = sha256_file(path)
     return found
 
 

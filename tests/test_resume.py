@@ -7,7 +7,6 @@ Every run here is a real `rlhf stage NAME` subprocess, as a user or `dvc repro` 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ import pytest
 
 from rlhf import checkpoints as ckpt
 from rlhf.config import write_overrides
-from rlhf.io import remove_orphans
+from rlhf.io import remove_orphans, tree_hashes
 
 from .conftest import REPO, TINY_OVERRIDES
 
@@ -84,11 +83,6 @@ def kill_after_first_checkpoint(command: list[str], cwd: Path, stage: str,
     process.stderr.close()
     assert process.returncode == -signal.SIGKILL
     return ckpt.resumable(directory)["step"]
-
-
-def tree_hashes(directory: Path) -> dict[str, str]:
-    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def without_timing(metrics: dict) -> dict:
