@@ -28,7 +28,9 @@ SECRET = "Sekr3t-pw-0451"
 def run_cli(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "RLHF_NO_PROGRESS": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_HOME": str(project / "prefect-home")}
+           "PREFECT_HOME": str(project / "prefect-home"),
+           # The result store this setting chose is gone: it once gave a 112-line traceback.
+           "RLHF_RESULT_STORAGE": f"file://{project / 'no-such-store'}"}
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         env.pop(key, None)
     return subprocess.run([sys.executable, "-m", "rlhf.cli", *args], cwd=project, env=env,
@@ -102,3 +104,4 @@ def test_no_track_runs_every_stage_without_mlflow_and_pickles_nothing(project):
     for record in (project / "prefect-home" / "storage").glob("*"):
         assert "__exc_type__" in json.loads(record.read_text())  # JSON: no pickle to load
     assert not (project / ".prefect-results").exists()
+    assert not (project / "no-such-store").exists()  # RLHF_RESULT_STORAGE is read by nothing
