@@ -17,7 +17,8 @@ from rlhf import stages
 from rlhf.config import load_params
 from rlhf.paths import Paths
 
-from .conftest import REPO, TINY_OVERRIDES
+from .conftest import REPO
+from .test_inputs import one_line
 
 
 def rlhf(*args: str, cwd: Path, **popen):
@@ -29,21 +30,11 @@ def rlhf(*args: str, cwd: Path, **popen):
                           timeout=600)
 
 
-def one_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1, result.stdout + result.stderr
-    return lines[0]
-
-
 @pytest.fixture
-def prepared(tmp_path: Path) -> Path:
+def prepared(tiny_project: Path) -> Path:
     """A tiny project with its data prepared: sft can start."""
-    (tmp_path / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
-    from rlhf.config import write_overrides
-
-    write_overrides(tmp_path / "params.yaml", TINY_OVERRIDES)
-    stages.get("prepare")(load_params(tmp_path / "params.yaml"), Paths(tmp_path))
-    return tmp_path
+    stages.get("prepare")(load_params(tiny_project / "params.yaml"), Paths(tiny_project))
+    return tiny_project
 
 
 @pytest.fixture

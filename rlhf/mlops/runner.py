@@ -136,11 +136,11 @@ def _disk_errors_in_one_line(name: str):
     try:
         yield
     except Exception as exc:
-        if not _DISK_TROUBLE.search(str(exc)):
+        trouble = _DISK_TROUBLE.search(str(exc))
+        if trouble is None:
             raise
         where = getattr(exc, "filename", None) or "its outputs"
-        why = _DISK_TROUBLE.search(str(exc))[0]
-        raise UserError(f"stage {name} could not write {where} ({why}); "
+        raise UserError(f"stage {name} could not write {where} ({trouble[0]}); "
                         "its previous outputs and checkpoints are kept: free some space and "
                         "rerun it to resume") from None
 
