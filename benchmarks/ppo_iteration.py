@@ -41,7 +41,7 @@ from rlhf.engine import make_accelerator
 from rlhf.io import read_jsonl
 from rlhf.models.loading import AdaptersDisabled, BaseScorer
 from rlhf.paths import Paths
-from rlhf.stages.ppo import load_models, ppo_iteration
+from rlhf.stages.ppo import RewardSource, load_models, ppo_iteration
 
 
 def synchronise(device: torch.device) -> None:
@@ -105,7 +105,8 @@ def main() -> None:
     kl_ctl = rl.FixedKLController(cfg.kl_coef)
 
     def iteration() -> None:
-        ppo_iteration(model, reference, reward_model, tokenizer, optimizer, accelerator, cfg,
+        ppo_iteration(model, reference, RewardSource("model", reward_model), tokenizer,
+                      optimizer, accelerator, cfg,
                       batch_prompts, kl_ctl=kl_ctl, minibatch_generator=shuffle, seed=0)
 
     # The raw model work, piece by piece, with plain transformers/torch calls.

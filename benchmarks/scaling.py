@@ -46,7 +46,7 @@ from rlhf.data import builtin_sort
 from rlhf.engine import make_accelerator
 from rlhf.models.builtin import EOS, PAD, UNK
 from rlhf.models.loading import ScalarHeadModel
-from rlhf.stages.ppo import PolicyAndValue, ppo_iteration
+from rlhf.stages.ppo import PolicyAndValue, RewardSource, ppo_iteration
 
 REPO = Path(__file__).resolve().parent.parent
 LEAN = ["ppo.ppo_epochs=1", "ppo.num_minibatches=1", "ppo.value_model=policy_head"]
@@ -107,7 +107,8 @@ def build_point(point: Point, params_file: Path, overrides: list[str], accelerat
 
     def iteration(step: int) -> None:
         start = (step * cfg.batch_size) % (len(prompts) - cfg.batch_size + 1)
-        _, stats = ppo_iteration(model, reference, reward_model, tokenizer, optimizer, accelerator,
+        _, stats = ppo_iteration(model, reference, RewardSource("model", reward_model),
+                                 tokenizer, optimizer, accelerator,
                                  cfg, prompts[start:start + cfg.batch_size], kl_ctl=kl_ctl,
                                  minibatch_generator=shuffle, seed=step)
         lengths.append(stats["val/response_length"])

@@ -279,7 +279,9 @@ class PPOConfig(Section):
     steps: int = Field(150, ge=1)
     """PPO iterations (one rollout batch and its updates each)."""
     batch_size: int = Field(64, ge=1)
-    """Prompts per rollout."""
+    """Samples per rollout: batch_size / num_generations prompts, num_generations samples each."""
+    num_generations: int = Field(1, ge=1)
+    """Samples per prompt in a rollout: the group of grpo and rloo (at least 2 there)."""
     num_minibatches: int = Field(2, ge=1)
     """Minibatches per PPO epoch (batch_size must divide evenly)."""
     ppo_epochs: int = Field(4, ge=1)
@@ -290,8 +292,18 @@ class PPOConfig(Section):
     """Sampling temperature of rollouts (log-probs use the same scaled logits)."""
     max_new_tokens: int = Field(10, ge=1)
     """Longest response in tokens; responses without EOS stop here."""
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    """Advantage estimator: gae (PPO, with a value model) or a critic-free one: grpo (group-normalised rewards), rloo (leave-one-out baseline), reinforce_pp (REINFORCE++: batch-whitened returns)."""
+    scale_rewards: bool = True
+    """grpo: divide by the group's reward std; false only centres them (Dr. GRPO)."""
+    reward: str = Field("model", min_length=1)
+    """Reward source: model (the trained reward model), gold (the builtin task's verifier), or module:function, your function scoring (prompts, responses) lists."""
     kl_coef: float = Field(0.2, ge=0)
     """beta: initial weight of the per-token KL penalty."""
+    kl_penalty: Literal["reward", "loss"] = "reward"
+    """Where beta * KL goes: into the per-token reward (InstructGPT) or into the loss (GRPO)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator of the penalty (Schulman): k1 log(pi/pi_ref), k2 its square / 2, k3 ratio - 1 - log ratio (GRPO's)."""
     adaptive_kl: bool = True
     """Adapt beta to hold `kl_target` (Ziegler et al.); false keeps beta fixed."""
     kl_target: float = Field(1.0, gt=0)
@@ -317,7 +329,7 @@ class PPOConfig(Section):
     missing_eos_penalty: Optional[float] = None
     """Score given to responses that never emit EOS; null keeps the RM score."""
     value_model: Literal["reward", "policy_head"] = "reward"
-    """Value model: a copy of the reward model, or an extra head on the policy trunk."""
+    """Value model of gae: a copy of the reward model, or an extra head on the policy trunk."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm."""
     checkpoint_every: int = Field(50, ge=1)
@@ -327,6 +339,11 @@ class PPOConfig(Section):
     log_completions_every: int = Field(25, ge=1)
     """Log a table of sample completions (prompt, response, RM score, gold) every this many steps."""
 
+    @property
+    def critic(self) -> bool:
+        """Whether the estimator needs a value model (only gae does)."""
+        return self.advantage == "gae"
+
     @model_validator(mode="after")
     def _minibatches_divide(self) -> "PPOConfig":
         if self.batch_size % self.num_minibatches:
@@ -334,7 +351,29 @@ class PPOConfig(Section):
                 f"ppo.batch_size ({self.batch_size}) must be divisible by "
                 f"ppo.num_minibatches ({self.num_minibatches})"
             )
+        if self.advantage in GROUP_ESTIMATORS and self.num_generations < 2:
+            raise ValueError(
+                f"ppo.advantage={self.advantage} compares samples of one prompt: set "
+                f"ppo.num_generations to 2 or more (it is {self.num_generations})")
+        if self.batch_size % self.num_generations:
+            raise ValueError(
+                f"ppo.batch_size ({self.batch_size}) must be divisible by "
+                f"ppo.num_generations ({self.num_generations}): a rollout is whole groups")
+        if self.reward not in ("model", "gold") and not _is_function_name(self.reward):
+            raise ValueError(
+                f"ppo.reward={self.reward!r} is not a reward source: use model, gold, or "
+                "module:function (e.g. my_rewards:score)")
         return self
+
+
+GROUP_ESTIMATORS = ("grpo", "rloo")
+"""Advantage estimators that compare the samples of one prompt with each other."""
+
+
+def _is_function_name(spec: str) -> bool:
+    module, sep, function = spec.partition(":")
+    return bool(sep) and all(part.isidentifier() for part in module.split(".")) \
+        and function.isidentifier()
 
 
 class EvalConfig(Section):
@@ -424,6 +463,14 @@ class Params(Section):
     """Model registry (MLflow)."""
     promote: PromoteConfig = PromoteConfig()
     """The gate a model version must pass to become `champion`."""
+
+    @model_validator(mode="after")
+    def _gold_needs_a_verifier(self) -> "Params":
+        if self.ppo.reward == "gold" and self.data.source != "builtin":
+            raise ValueError(
+                f"ppo.reward=gold needs a task with a verifier, and data.source "
+                f"({self.data.source!r}) has none: use ppo.reward=model or module:function")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, as DVC and MLflow want params."""
@@ -521,9 +568,14 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         raw = apply_overrides(raw, overrides)
         source += " or --set"
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
         raise ParamsError(_describe(exc.errors()[0], source)) from None
+    if _is_function_name(params.ppo.reward):  # a function that cannot load stops the run now
+        from rlhf.rewards import load_function
+
+        load_function(params.ppo.reward, Path(path).resolve().parent if path else Path.cwd())
+    return params
 
 
 def write_overrides(params_file: str | Path, overrides: list[str]) -> None:

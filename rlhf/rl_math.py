@@ -149,6 +149,57 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * maskf
 
 
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                estimator: str = "k1") -> torch.Tensor:
+    """Schulman's per-token estimators of KL(pi || pi_ref) from tokens sampled from pi, with
+    log r = log pi_ref - log pi: k1 = -log r, k2 = (log r)^2 / 2, k3 = (r - 1) - log r.
+    k1 is unbiased but can be negative, k3 is unbiased and >= 0 (GRPO's), k2 is >= 0 with
+    the KL's gradient. (B, T) -> (B, T); 0 at padding where both inputs hold INVALID_LOGPROB."""
+    if estimator == "k1":
+        return per_token_kl(logprobs, ref_logprobs)
+    log_r = ref_logprobs - logprobs  # (B, T)
+    if estimator == "k2":
+        return 0.5 * log_r ** 2
+    if estimator == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k2 or k3")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """GRPO: each sample's reward minus its group's mean, divided by the group's (unbiased)
+    std + eps when `scale` (without: Dr. GRPO). Groups are `group_size` consecutive rows.
+    (B,) -> (B,); a group whose rewards are all equal gets 0."""
+    groups = rewards.reshape(-1, group_size)  # (B / n, n)
+    centred = groups - groups.mean(1, keepdim=True)  # (B / n, n)
+    if scale:
+        centred = centred / (groups.std(1, keepdim=True) + eps)
+    return centred.reshape(-1)  # (B,)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: each sample's reward minus the mean of the other n - 1 rewards of its group
+    (`group_size` consecutive rows, n >= 2). (B,) -> (B,)."""
+    groups = rewards.reshape(-1, group_size)  # (B / n, n)
+    others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)  # (B / n, n)
+    return (groups - others).reshape(-1)  # (B,)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor,
+                            gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++: the discounted return-to-go G_t = sum_l gamma^l r_{t+l} of the per-token
+    rewards (the KL penalty in them), whitened over every valid token of the whole batch.
+    (B, T) -> (B, T), 0 at padding. The return is GAE with V = 0 and lambda = 1."""
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)  # (B, T)
+    return masked_whiten(returns, mask).masked_fill(~mask.bool(), 0.0)
+
+
+def sequence_advantages_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A critic-free estimator's one advantage per sample on each of its valid tokens:
+    (B,), (B, T) -> (B, T), 0 at padding."""
+    return advantages[:, None] * mask.to(advantages.dtype)  # (B, T)
+
+
 # --------------------------------------------------------------------------- PPO losses
 
 

@@ -171,3 +171,7 @@ def test_parent_run_and_model_version_carry_lineage(after_run):
     version = client.get_model_version("rlhf-policy", "1")
     assert version.tags["dvc.models/policy"] == tags["dvc.models/policy"]
     assert "eval.policy.gold_reward" in version.tags and "git.commit" in version.tags
+    assert {key: version.tags[key] for key in ("ppo.advantage", "ppo.kl_penalty",
+                                               "ppo.kl_estimator", "ppo.reward")} == {
+        "ppo.advantage": "gae", "ppo.kl_penalty": "reward", "ppo.kl_estimator": "k1",
+        "ppo.reward": "model"}

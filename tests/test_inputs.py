@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -172,11 +173,35 @@ def test_leakage_checks_normalise_whitespace(tmp_path, model_dir):
     ("ppo.steps=100000000000000000000000", "ppo.steps = 100000000000000000000000 is not "
                                            "allowed: Input should be at most 1,000,000,000"),
     ("data.n_sft=1.0e+23", "data.n_sft = 1e+23 is not allowed"),
+    ("ppo.advantage=ppo2", "ppo.advantage = 'ppo2' is not allowed: Input should be 'gae', "
+                           "'grpo', 'rloo' or 'reinforce_pp'"),
+    ("ppo.kl_estimator=k4", "Input should be 'k1', 'k2' or 'k3'"),
+    ("ppo.advantage=grpo", "ppo.advantage=grpo compares samples of one prompt: set "
+                           "ppo.num_generations to 2 or more (it is 1)"),
+    ("ppo.num_generations=3", "ppo.batch_size (64) must be divisible by ppo.num_generations "
+                              "(3): a rollout is whole groups"),
+    ("ppo.reward=banana", "ppo.reward='banana' is not a reward source: use model, gold, or "
+                          "module:function"),
+    ("ppo.reward=no_such_rewards:score", "ppo.reward='no_such_rewards:score' cannot be loaded: "
+                                         "no module named 'no_such_rewards'"),
+    ("ppo.reward=json:no_such_function", "module json has no function 'no_such_function'"),
 ])
 def test_bad_values_are_one_line(override, expected):
     with pytest.raises(ParamsError) as info:
         load_params(REPO / "params.yaml", [override])
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_gold_reward_needs_the_builtin_task_and_a_broken_reward_module_stops_the_run(tmp_path):
+    with pytest.raises(ParamsError, match="ppo.reward=gold needs a task with a verifier"):
+        load_params(REPO / "params.yaml", ["data.source=pairs.jsonl", "ppo.reward=gold"])
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "broken_rewards.py").write_text("import no_such_package\n")
+    line = one_line(cli("run", "--params", str(tmp_path / "params.yaml"), "--root",
+                        str(tmp_path), "--no-track", "--set", "ppo.reward=broken_rewards:score"))
+    assert ("ppo.reward='broken_rewards:score' cannot be loaded: importing broken_rewards "
+            "raised ModuleNotFoundError: No module named 'no_such_package'") in line
+    assert not (tmp_path / "data").exists()
 
 
 def test_booleans_still_work_where_booleans_belong():

@@ -240,6 +240,111 @@ def test_gae_matches_reverse_loop_on_random_padded_data(gamma, lam):
     assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
 
 
+# --------------------------------------------------------------------------- KL estimators and
+# --------------------------------------------------------------------------- critic-free advantages
+
+
+def test_kl_estimators_by_hand():
+    logprobs = torch.tensor([[-1.0, -2.0, rl.INVALID_LOGPROB]])
+    ref = torch.tensor([[-1.5, -1.0, rl.INVALID_LOGPROB]])
+    # log r = ref - logp = [-0.5, 1.0, 0 at padding]
+    close(rl.kl_estimate(logprobs, ref, "k1"), [[0.5, -1.0, 0.0]])  # -log r
+    close(rl.kl_estimate(logprobs, ref, "k2"), [[0.125, 0.5, 0.0]])  # (log r)^2 / 2
+    # (r - 1) - log r: e^-0.5 - 1 + 0.5 = 0.1065306597; e - 1 - 1 = 0.7182818285
+    close(rl.kl_estimate(logprobs, ref, "k3"), [[0.1065306597, 0.7182818285, 0.0]], tol=1e-7)
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        rl.kl_estimate(logprobs, ref, "k4")
+
+
+def _loop_group_advantages(rewards, n, scale, eps=1e-4):
+    out = []
+    for start in range(0, len(rewards), n):
+        group = rewards[start:start + n]
+        mean = sum(group) / n
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (n - 1))
+        out += [(r - mean) / (std + eps) if scale else r - mean for r in group]
+    return out
+
+
+def test_group_advantages_with_and_without_the_std():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)
+    # groups [1, 2] and [3, 6]: means 1.5, 4.5; stds sqrt(0.5), sqrt(4.5)
+    close(rl.group_advantages(rewards, 2, scale=False), [-0.5, 0.5, -1.5, 1.5])
+    close(rl.group_advantages(rewards, 2), [-0.5 / (math.sqrt(0.5) + 1e-4),
+                                            0.5 / (math.sqrt(0.5) + 1e-4),
+                                            -1.5 / (math.sqrt(4.5) + 1e-4),
+                                            1.5 / (math.sqrt(4.5) + 1e-4)])
+    random = torch.rand(12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for n in (2, 3, 4):
+        for scale in (True, False):
+            close(rl.group_advantages(random, n, scale),
+                  _loop_group_advantages(random.tolist(), n, scale), tol=1e-9)
+
+
+def test_a_group_whose_rewards_are_equal_gets_zero_advantages():
+    rewards = torch.tensor([0.5, 0.5, 0.5, 1.0, 0.0, 0.5])
+    advantages = rl.group_advantages(rewards, 3)
+    assert torch.isfinite(advantages).all()
+    close(advantages[:3], [0.0, 0.0, 0.0])
+    close(rl.leave_one_out_advantages(rewards, 3)[:3], [0.0, 0.0, 0.0])
+
+
+def test_leave_one_out_baseline_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 6.0], dtype=torch.float64)
+    # 1 - (2 + 3) / 2 = -1.5; 2 - (1 + 3) / 2 = 0; 3 - (1 + 2) / 2 = 1.5
+    # 0 - (0 + 6) / 2 = -3;   0 - 3 = -3;         6 - 0 = 6
+    close(rl.leave_one_out_advantages(rewards, 3), [-1.5, 0.0, 1.5, -3.0, -3.0, 6.0])
+    random = torch.rand(8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = []
+    for start in range(0, 8, 4):
+        group = random[start:start + 4].tolist()
+        expected += [r - (sum(group) - r) / 3 for r in group]
+    close(rl.leave_one_out_advantages(random, 4), expected, tol=1e-12)
+
+
+def test_reinforce_pp_whitens_returns_to_go_over_the_batch():
+    rewards = torch.tensor([[-0.1, -0.2, 1.0], [-0.3, 2.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    gamma = 0.5
+    returns = []  # G_t = r_t + gamma G_{t+1}, by a reverse loop over each row's valid tokens
+    for row, valid in zip(rewards.tolist(), mask.tolist()):
+        g, out = 0.0, [0.0] * len(row)
+        for t in reversed(range(len(row))):
+            if valid[t]:
+                g = row[t] + gamma * g
+                out[t] = g
+        returns.append(out)
+    # [[-0.1 + 0.5 * (-0.2 + 0.5), -0.2 + 0.5, 1.0], [-0.3 + 1.0, 2.0, -]]
+    assert returns[0] == pytest.approx([0.05, 0.3, 1.0]) and returns[1][:2] == pytest.approx([0.7, 2.0])
+    valid = [g for row, m in zip(returns, mask.tolist()) for g, v in zip(row, m) if v]
+    mean = sum(valid) / len(valid)
+    std = math.sqrt(sum((g - mean) ** 2 for g in valid) / (len(valid) - 1) + 1e-8)
+    expected = [[(g - mean) / std if v else 0.0 for g, v in zip(row, m)]
+                for row, m in zip(returns, mask.tolist())]
+    close(rl.reinforce_pp_advantages(rewards, mask, gamma), expected, tol=1e-7)
+
+
+def test_sequence_advantages_go_on_every_valid_token():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    close(rl.sequence_advantages_to_tokens(torch.tensor([2.0, -1.0]), mask),
+          [[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_in_the_loss_has_the_gradient_worked_out_by_hand(estimator):
+    new = torch.tensor([[-1.0, -2.0, rl.INVALID_LOGPROB]], dtype=torch.float64,
+                       requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0, rl.INVALID_LOGPROB]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    rl.masked_mean(rl.kl_estimate(new, ref, estimator), mask).backward()
+    # d/d new of: k1 = new - ref -> 1; k2 = (ref - new)^2 / 2 -> new - ref;
+    # k3 = e^(ref - new) - 1 - (ref - new) -> 1 - e^(ref - new); each over 2 valid tokens.
+    by_hand = []
+    for n, r in ((-1.0, -1.5), (-2.0, -1.0)):
+        by_hand.append({"k1": 1.0, "k2": n - r, "k3": 1.0 - math.exp(r - n)}[estimator] / 2)
+    close(new.grad, [by_hand + [0.0]], tol=1e-12)
+
+
 # --------------------------------------------------------------------------- PPO losses
 
 

@@ -11,10 +11,11 @@ from typing import Any, Mapping, Optional
 import mlflow
 
 from rlhf.config import Params
-from rlhf.io import read_json, read_jsonl, require, write_json
+from rlhf.io import read_json, read_jsonl, require, sha256_file, write_json
 from rlhf.mlops import dvc, registry
 from rlhf.mlops.mlflow_tracking import configure, experiment_id, git_commit
 from rlhf.paths import Paths
+from rlhf.rewards import module_file
 from rlhf.stages import reward as reward_stage
 
 
@@ -28,6 +29,11 @@ def lineage_tags(params: Params, paths: Paths, extra: Optional[Mapping[str, Any]
         tags["reference.sha256"] = read_json(reference)["sha256"]
     tags.update({f"{section}.revision": getattr(params, section).revision  # pinned hub revisions
                  for section in ("model", "data") if getattr(params, section).revision})
+    # How the policy was trained: the estimator, the KL's place, and what rewarded it.
+    tags.update({f"ppo.{key}": getattr(params.ppo, key)
+                 for key in ("advantage", "kl_penalty", "kl_estimator", "reward")})
+    if params.ppo.reward not in ("model", "gold"):
+        tags["ppo.reward.sha256"] = sha256_file(module_file(params.ppo.reward, paths.root))
     tags.update(extra or {})
     return tags
 

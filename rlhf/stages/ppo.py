@@ -45,6 +45,7 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from rlhf import distributed as dist
+from rlhf import rewards
 from rlhf import rl_math as rl
 from rlhf.artifacts import require_model
 from rlhf.config import Params, PPOConfig
@@ -69,18 +70,23 @@ from rlhf.tracking import MetricsLogger, NullLogger
 class PolicyAndValue(nn.Module):
     """Policy and value model in one module, so one optimizer and one Accelerate `prepare`
     cover both. The value model is either a separate scalar-head transformer (initialised
-    from the reward model) or an extra head on the policy's own trunk."""
+    from the reward model) or an extra head on the policy's own trunk; a critic-free
+    estimator (`critic=False`) has none, and its forward returns no values."""
 
-    def __init__(self, policy: nn.Module, value_model: Optional[ScalarHeadModel]):
+    def __init__(self, policy: nn.Module, value_model: Optional[ScalarHeadModel],
+                 critic: bool = True):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
-        if value_model is None:
+        self.critic = critic
+        if critic and value_model is None:
             self.value_head = nn.Linear(policy.config.hidden_size, 1)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        if not self.critic:
+            return lm_logits(self.policy, input_ids, attention_mask), None
         if self.value_model is not None:
             logits = lm_logits(self.policy, input_ids, attention_mask)  # (B, T, V)
             values = self.value_model(input_ids, attention_mask)  # (B, T)
@@ -101,11 +107,28 @@ class Rollout:
     mask: torch.Tensor  # (B, R) True on response tokens up to and including EOS
     logprobs: torch.Tensor  # (B, R) under the policy, INVALID_LOGPROB at padding
     ref_logprobs: torch.Tensor  # (B, R) under the reference
-    values: torch.Tensor  # (B, R) V(s_t), 0 at padding
-    scores: torch.Tensor  # (B,) reward-model scores (after the missing-EOS penalty)
+    values: torch.Tensor  # (B, R) V(s_t), 0 at padding (and everywhere without a critic)
+    scores: torch.Tensor  # (B,) rewards of `ppo.reward` (after the missing-EOS penalty)
     has_eos: torch.Tensor  # (B,)
     texts: list[str]
     prompts: list[str]
+
+
+@dataclass
+class RewardSource:
+    """What scores a rollout's responses (`ppo.reward`): the reward model, or a scorer of
+    texts (`rlhf.rewards`: the gold verifier or the user's function)."""
+
+    spec: str
+    model: Optional[ScalarHeadModel] = None
+    texts: Optional[rewards.TextScorer] = None
+
+    def __call__(self, query_responses: torch.Tensor, attention_mask: torch.Tensor,
+                 prompts: list[str], responses: list[str]) -> torch.Tensor:
+        if self.model is not None:
+            return self.model.score(query_responses, attention_mask).float()  # (B,)
+        scores = rewards.score(self.texts, self.spec, prompts, responses)
+        return torch.tensor(scores, dtype=torch.float32, device=query_responses.device)
 
 
 def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, query_width: int,
@@ -120,7 +143,7 @@ def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, query_width
 
 
 @torch.no_grad()
-def collect_rollout(model: PolicyAndValue, reference: nn.Module, reward_model: ScalarHeadModel,
+def collect_rollout(model: PolicyAndValue, reference: nn.Module, reward: RewardSource,
                     tokenizer, prompts: list[str], cfg: PPOConfig, device,
                     autocast: Callable = contextlib.nullcontext, seed: int = 0,
                     first_row: int = 0) -> Rollout:
@@ -138,15 +161,17 @@ def collect_rollout(model: PolicyAndValue, reference: nn.Module, reward_model: S
     attention_mask = torch.cat([query_mask, mask.long()], 1)
     width = query.shape[1]
 
+    texts = decode_responses(tokenizer, responses)
     logits, values = model(query_responses, attention_mask)
     logprobs, _ = response_logprobs(logits, responses, width, cfg.temperature)
     # The policy's forward runs under the accelerator's autocast (bf16/fp16), so the
     # reference and reward forwards must too: else the KL at step 1 is precision noise, not 0.
     with autocast():
         ref_logits = lm_logits(reference, query_responses, attention_mask).float()
-        scores = reward_model.score(query_responses, attention_mask).float()  # (B,)
+        scores = reward(query_responses, attention_mask, prompts, texts)  # (B,)
     ref_logprobs, _ = response_logprobs(ref_logits, responses, width, cfg.temperature)
-    values = values[:, width - 1:-1]  # (B, R): V(s_t) read where a_t is predicted
+    # V(s_t) read where a_t is predicted; none without a critic.
+    values = values[:, width - 1:-1] if values is not None else torch.zeros_like(logprobs)
     has_eos = (responses == tokenizer.eos_token_id).any(1)
     if cfg.missing_eos_penalty is not None:
         scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.missing_eos_penalty))
@@ -156,7 +181,7 @@ def collect_rollout(model: PolicyAndValue, reference: nn.Module, reward_model: S
         logprobs=logprobs.masked_fill(~mask, rl.INVALID_LOGPROB),
         ref_logprobs=ref_logprobs.masked_fill(~mask, rl.INVALID_LOGPROB),
         values=values.masked_fill(~mask, 0.0), scores=scores.float(), has_eos=has_eos,
-        texts=decode_responses(tokenizer, responses), prompts=prompts)
+        texts=texts, prompts=prompts)
 
 
 def gather_rollout(accelerator, local: Rollout, pad_token_id: int) -> Rollout:
@@ -184,15 +209,47 @@ def gather_rollout(accelerator, local: Rollout, pad_token_id: int) -> Rollout:
 
 
 STATS = ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio",
-         "ratio_sq", "ptx_loss")
+         "ratio_sq", "ptx_loss", "kl_loss")
 """What `ppo_update` averages over a minibatch's tokens (ratio_sq: to combine ratio_var)."""
+
+
+def advantages_and_returns(batch: Rollout, cfg: PPOConfig,
+                           kl_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 3-4: (advantages, returns, non-score rewards), all (B, R) and 0 at padding.
+
+    With `ppo.kl_penalty=reward` each token's reward is -beta * KL_t (by `ppo.kl_estimator`)
+    plus the score on the last token, as in InstructGPT; with `loss` the rewards are the
+    scores alone and `ppo_update` adds the KL to the loss. `gae` then whitens GAE
+    advantages; `reinforce_pp` whitens the returns-to-go over the batch; `grpo` and `rloo`
+    turn each sample's summed reward into one advantage against its group, on every token.
+    Returns are the value model's targets (0 without a critic)."""
+    mask = batch.mask
+    penalty = (rl.kl_estimate(batch.logprobs, batch.ref_logprobs, cfg.kl_estimator)
+               if cfg.kl_penalty == "reward" else torch.zeros_like(batch.logprobs))
+    rewards, non_score = rl.shape_rewards(penalty, batch.scores, mask.sum(1), kl_coef)
+    if cfg.whiten_rewards and cfg.advantage in ("gae", "reinforce_pp"):
+        rewards = rl.masked_whiten(rewards, mask, shift_mean=False).masked_fill(~mask, 0.0)
+    no_returns = torch.zeros_like(rewards)
+    if cfg.advantage == "gae":
+        advantages, returns = rl.gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
+        return rl.masked_whiten(advantages, mask).masked_fill(~mask, 0.0), returns, non_score
+    if cfg.advantage == "reinforce_pp":
+        return rl.reinforce_pp_advantages(rewards, mask, cfg.gamma), no_returns, non_score
+    summed = rewards.sum(1)  # (B,): the score plus the response's KL penalty, if any
+    per_sample = (rl.group_advantages(summed, cfg.num_generations, cfg.scale_rewards)
+                  if cfg.advantage == "grpo"
+                  else rl.leave_one_out_advantages(summed, cfg.num_generations))
+    return rl.sequence_advantages_to_tokens(per_sample, mask), no_returns, non_score
 
 
 def ppo_update(model: PolicyAndValue, optimizer, accelerator, batch: Rollout,
                advantages: torch.Tensor, returns: torch.Tensor, cfg: PPOConfig,
                ptx_batches: Optional[Callable[[], dict]], generator: torch.Generator,
-               grad_accum: int = 1) -> dict:
+               grad_accum: int = 1, kl_coef: float = 0.0) -> dict:
     """`ppo_epochs` passes of clipped policy + value updates over shuffled minibatches.
+
+    Without a critic there is no value loss; with `ppo.kl_penalty=loss` the loss gains
+    `kl_coef` times the mean per-token KL (by `ppo.kl_estimator`) to the reference.
 
     `batch` is the whole rollout (every rank holds it); each rank backpropagates its shard of
     each minibatch, micro-batch by micro-batch, each micro-batch's mean losses weighted by
@@ -227,13 +284,17 @@ def ppo_update(model: PolicyAndValue, optimizer, accelerator, batch: Rollout,
                     new_logprobs, scaled_logits = response_logprobs(
                         logits, batch.responses[micro], width, cfg.temperature)
                     new_logprobs = new_logprobs.masked_fill(~mask, rl.INVALID_LOGPROB)
-                    vpred = vpred[:, width - 1:-1]
                     pg = rl.policy_loss(new_logprobs, batch.logprobs[micro], advantages[micro],
                                         mask, cfg.cliprange)
-                    vf = rl.value_loss(vpred, batch.values[micro], returns[micro], mask,
-                                       cfg.cliprange_value)
+                    vf = (rl.value_loss(vpred[:, width - 1:-1], batch.values[micro],
+                                        returns[micro], mask, cfg.cliprange_value)
+                          if vpred is not None else rl.ValueLoss(*torch.zeros(2)))
                     entropy = rl.masked_mean(rl.entropy_from_logits(scaled_logits), mask)
-                    loss = weight * (pg.loss + cfg.vf_coef * vf.loss - cfg.ent_coef * entropy)
+                    kl_loss = (rl.masked_mean(rl.kl_estimate(
+                        new_logprobs, batch.ref_logprobs[micro], cfg.kl_estimator), mask)
+                        if cfg.kl_penalty == "loss" else torch.zeros(()))
+                    loss = weight * (pg.loss + cfg.vf_coef * vf.loss - cfg.ent_coef * entropy
+                                     + kl_coef * kl_loss)
                     ptx = torch.zeros(())
                     if mine_demo is not None:
                         piece = {k: v[part] for k, v in mine_demo.items()}
@@ -248,7 +309,9 @@ def ppo_update(model: PolicyAndValue, optimizer, accelerator, batch: Rollout,
                 ratio_sq = pg.ratio_var * (n - 1) / n + pg.ratio_mean ** 2  # E[ratio^2]
                 sums += torch.tensor([weight * float(v.detach()) for v in (
                     pg.approxkl, pg.clipfrac, pg.loss, vf.loss, vf.clipfrac, entropy,
-                    pg.ratio_mean, ratio_sq)] + [float(ptx.detach())], dtype=torch.float64)
+                    pg.ratio_mean, ratio_sq)] + [float(ptx.detach()),
+                                                 weight * float(kl_loss.detach())],
+                                     dtype=torch.float64)
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
@@ -260,12 +323,15 @@ def ppo_update(model: PolicyAndValue, optimizer, accelerator, batch: Rollout,
                  for sq, mean, n in zip(stats["ratio_sq"], stats["ratio"], minibatch_tokens)]
     means["ratio_var"] = sum(variances) / len(variances)
     del means["ratio_sq"]
-    if ptx_batches is None:
-        del means["ptx_loss"]
+    for key, used in (("ptx_loss", ptx_batches is not None),
+                      ("kl_loss", cfg.kl_penalty == "loss"),
+                      ("vf_loss", cfg.critic), ("vf_clipfrac", cfg.critic)):
+        if not used:
+            del means[key]
     return means
 
 
-def ppo_iteration(model: PolicyAndValue, reference: nn.Module, reward_model: ScalarHeadModel,
+def ppo_iteration(model: PolicyAndValue, reference: nn.Module, reward: RewardSource,
                   tokenizer, optimizer, accelerator, cfg: PPOConfig, prompts: list[str], *,
                   kl_ctl, minibatch_generator: torch.Generator, seed: int, scheduler=None,
                   ptx_batches: Optional[Callable[[], dict]] = None,
@@ -276,22 +342,17 @@ def ppo_iteration(model: PolicyAndValue, reference: nn.Module, reward_model: Sca
     # Steps 1-2 on this rank's shard of the prompts, then the whole batch on every rank.
     rows = dist.shard_slice(len(prompts), accelerator)
     batch = gather_rollout(accelerator, collect_rollout(
-        accelerator.unwrap_model(model), reference, reward_model, tokenizer, prompts[rows], cfg,
+        accelerator.unwrap_model(model), reference, reward, tokenizer, prompts[rows], cfg,
         accelerator.device, accelerator.autocast, seed=seed, first_row=rows.start),
         tokenizer.pad_token_id)
-    # Steps 3-4: shaped rewards, GAE, whitened advantages.
-    kl = rl.per_token_kl(batch.logprobs, batch.ref_logprobs)  # (B, R), 0 at padding
-    rewards, non_score = rl.shape_rewards(kl, batch.scores, batch.mask.sum(1), kl_ctl.value)
-    if cfg.whiten_rewards:
-        rewards = rl.masked_whiten(rewards, batch.mask, shift_mean=False)
-        rewards = rewards.masked_fill(~batch.mask, 0.0)
-    advantages, returns = rl.gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)
-    advantages = rl.masked_whiten(advantages, batch.mask).masked_fill(~batch.mask, 0.0)
+    # Steps 3-4: shaped rewards, advantages.
+    advantages, returns, non_score = advantages_and_returns(batch, cfg, kl_ctl.value)
     # Step 5: the PPO epochs.
     update = ppo_update(model, optimizer, accelerator, batch, advantages, returns, cfg,
-                        ptx_batches, minibatch_generator, grad_accum)
+                        ptx_batches, minibatch_generator, grad_accum, kl_ctl.value)
     if scheduler is not None:
         scheduler.step()
+    kl = rl.per_token_kl(batch.logprobs, batch.ref_logprobs)  # (B, R) k1, 0 at padding
     stats = {
         "objective/kl": kl.sum(1).mean().item(),
         "objective/kl_coef": kl_ctl.value,
@@ -303,8 +364,6 @@ def ppo_iteration(model: PolicyAndValue, reference: nn.Module, reward_model: Sca
         "policy/clipfrac_avg": update["clipfrac"],
         "policy/entropy_avg": update["entropy"],
         "loss/policy_avg": update["pg_loss"],
-        "loss/value_avg": update["vf_loss"],
-        "val/clipfrac_avg": update["vf_clipfrac"],
         "val/ratio": update["ratio"],
         "val/ratio_var": update["ratio_var"],
         "val/num_eos_tokens": float(batch.has_eos.sum().item()),
@@ -312,8 +371,10 @@ def ppo_iteration(model: PolicyAndValue, reference: nn.Module, reward_model: Sca
         "lr": scheduler.get_last_lr()[0] if scheduler else optimizer.param_groups[0]["lr"],
         "eps": len(prompts) / (time.perf_counter() - start),
     }
-    if "ptx_loss" in update:
-        stats["loss/ptx_avg"] = update["ptx_loss"]
+    for key, name in (("vf_loss", "loss/value_avg"), ("vf_clipfrac", "val/clipfrac_avg"),
+                      ("ptx_loss", "loss/ptx_avg"), ("kl_loss", "loss/kl_avg")):
+        if key in update:
+            stats[name] = update[key]
     # Step 6: adapt beta to the KL just measured.
     kl_ctl.update(stats["objective/kl"], len(prompts))
     return batch, stats
@@ -322,6 +383,17 @@ def ppo_iteration(model: PolicyAndValue, reference: nn.Module, reward_model: Sca
 def gold_reward_fn(params: Params) -> Optional[Callable[[str, str], float]]:
     """The gold reward where the task has one (the builtin task); None otherwise."""
     return builtin_sort.gold_score if params.data.source == "builtin" else None
+
+
+def text_scorer(params: Params, paths: Paths) -> Optional[rewards.TextScorer]:
+    """What scores responses as text by `ppo.reward`: the gold verifier or the user's
+    function; None for the reward model."""
+    if params.ppo.reward == "model":
+        return None
+    if params.ppo.reward == "gold":
+        return lambda prompts, responses: [builtin_sort.gold_score(p, r)
+                                           for p, r in zip(prompts, responses)]
+    return rewards.load_function(params.ppo.reward, paths.root)
 
 
 class PromptBatches:
@@ -352,25 +424,39 @@ class PromptBatches:
 
 
 def load_models(params: Params, paths: Paths):
-    """(tokenizer, policy+value, reference, reward model, reference sha256)."""
+    """(tokenizer, policy+value, reference, reward model, reference sha256). The reward
+    model is None when `ppo.reward` is not the model: it is then loaded only as the value
+    model's initialisation, or not at all by a critic-free estimator."""
     trust, cfg = params.model.trust_remote_code, params.model
     require_model(paths.sft, produced_by="sft")
-    reward_stage.verify(paths.reward)
+    if uses_reward_model(params):
+        reward_stage.verify(paths.reward)
     reference_hash = reference_stage.verify(paths.reference)
     tokenizer = load_tokenizer(paths.sft, trust)
     if cfg.lora:
         return (tokenizer, *load_lora_models(params, paths), reference_hash)
     policy = lora.prepare_for_training(load_causal_lm(paths.sft, trust), cfg)
     reference = load_causal_lm(paths.reference, trust).eval().requires_grad_(False)
-    reward_model = ScalarHeadModel.load(paths.reward, trust).eval().requires_grad_(False)
+    reward_model = (ScalarHeadModel.load(paths.reward, trust).eval().requires_grad_(False)
+                    if params.ppo.reward == "model" else None)
     value_model = (ScalarHeadModel.load(paths.reward, trust)
-                   if params.ppo.value_model == "reward" else None)
+                   if value_from_reward_model(params) else None)
     if value_model is not None:
         lora.prepare_for_training(value_model.trunk, cfg)
     for module in (policy, reference, reward_model, value_model):
         if module is not None:
             lora.disable_dropout(module)
-    return tokenizer, PolicyAndValue(policy, value_model), reference, reward_model, reference_hash
+    return (tokenizer, PolicyAndValue(policy, value_model, params.ppo.critic), reference,
+            reward_model, reference_hash)
+
+
+def value_from_reward_model(params: Params) -> bool:
+    return params.ppo.critic and params.ppo.value_model == "reward"
+
+
+def uses_reward_model(params: Params) -> bool:
+    """Whether PPO reads models/reward: for its scores or to initialise its value model."""
+    return params.ppo.reward == "model" or value_from_reward_model(params)
 
 
 def load_lora_models(params: Params, paths: Paths):
@@ -381,17 +467,27 @@ def load_lora_models(params: Params, paths: Paths):
     base = lora.prepare_for_training(load_causal_lm(paths.reference, trust), cfg)
     policy = lora.disable_dropout(lora.add_adapters(base, cfg, "CAUSAL_LM"))
     reference = AdaptersDisabled(policy)
-    if params.ppo.value_model == "reward":
+    scored_by_model = params.ppo.reward == "model"
+    if value_from_reward_model(params):
         value_model = ScalarHeadModel.load(paths.reward, trust)
         lora.prepare_for_training(value_model.trunk, cfg)
         value_model.trunk = lora.add_adapters(value_model.trunk, cfg)
         lora.disable_dropout(value_model)
-        reward_model = value_model.base_scorer().eval()
+        reward_model = value_model.base_scorer().eval() if scored_by_model else None
     else:
         value_model = None
-        reward_model = lora.disable_dropout(
+        reward_model = (lora.disable_dropout(
             ScalarHeadModel.load(paths.reward, trust).eval().requires_grad_(False))
-    return PolicyAndValue(policy, value_model), reference, reward_model
+            if scored_by_model else None)
+    return PolicyAndValue(policy, value_model, params.ppo.critic), reference, reward_model
+
+
+def reward_inputs(params: Params, paths: Paths) -> list[Path]:
+    """The files PPO's rewards come from: the reward model, and a reward function's module."""
+    inputs = [paths.reward] if uses_reward_model(params) else []
+    if params.ppo.reward not in ("model", "gold"):
+        inputs.append(rewards.module_file(params.ppo.reward, paths.root))
+    return inputs
 
 
 FINGERPRINT_PARAMS = ("data.source", "model", "train", "ppo")
@@ -402,15 +498,19 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     cfg = params.ppo
     prompts = [row["prompt"] for row in read_jsonl(paths.prepared / "rl_prompts.jsonl",
                                                     produced_by="prepare")]
-    if len(prompts) < cfg.batch_size:
-        raise DataError(f"{len(prompts)} RL prompts are fewer than ppo.batch_size "
-                        f"({cfg.batch_size}); lower ppo.batch_size or add prompts")
+    prompts_per_batch = cfg.batch_size // cfg.num_generations
+    if len(prompts) < prompts_per_batch:
+        raise DataError(f"{len(prompts)} RL prompts are fewer than the {prompts_per_batch} of a "
+                        "rollout (ppo.batch_size / ppo.num_generations); lower ppo.batch_size "
+                        "or add prompts")
     accelerator = make_accelerator(params.train, seed_offset=2)
     dist.check_batches("ppo", params, accelerator.num_processes)
     device = accelerator.device
     tokenizer, model, reference, reward_model, reference_hash = load_models(params, paths)
     reference.to(device)  # with LoRA: the policy itself, which `prepare` moves
-    reward_model.to(device)
+    if reward_model is not None:
+        reward_model.to(device)
+    reward = RewardSource(cfg.reward, reward_model, text_scorer(params, paths))
     gold = gold_reward_fn(params)
 
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5,
@@ -420,7 +520,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     unwrapped = accelerator.unwrap_model(model)
     kl_ctl = (rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
               if cfg.adaptive_kl else rl.FixedKLController(cfg.kl_coef))
-    batches = PromptBatches(prompts, cfg.batch_size, params.train.seed)
+    batches = PromptBatches(prompts, prompts_per_batch, params.train.seed)
     shuffle = torch.Generator().manual_seed(params.train.seed + 3)
     ptx_generator = torch.Generator().manual_seed(params.train.seed + 4)
     ptx_batches = (make_ptx_batches(params, paths, tokenizer, device, ptx_generator)
@@ -431,7 +531,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         paths.checkpoints / "ppo",
         ckpt.fingerprint(params.flat(), FINGERPRINT_PARAMS,
                          [paths.prepared / "rl_prompts.jsonl", paths.prepared / "sft.jsonl",
-                          paths.sft, paths.reward, paths.reference], paths.root),
+                          paths.sft, paths.reference, *reward_inputs(params, paths)], paths.root),
         params.train.checkpoint_keep, tracking_run_id=getattr(logger, "run_id", None))
     history: list[dict] = []
     first_step = 1
@@ -445,9 +545,10 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
 
     with progress_bar("ppo", cfg.steps, completed=first_step - 1) as bar:
         for step in range(first_step, cfg.steps + 1):
+            group = [p for p in next(batches) for _ in range(cfg.num_generations)]
             batch, stats = ppo_iteration(
-                model, reference, reward_model, tokenizer, optimizer, accelerator, cfg,
-                next(batches), kl_ctl=kl_ctl, minibatch_generator=shuffle,
+                model, reference, reward, tokenizer, optimizer, accelerator, cfg,
+                group, kl_ctl=kl_ctl, minibatch_generator=shuffle,
                 seed=derive_seed(params.train.seed, "ppo", step), scheduler=scheduler,
                 ptx_batches=ptx_batches, grad_accum=params.train.grad_accum)
             row = {"step": step, **stats}
@@ -460,7 +561,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
             if step % cfg.log_completions_every == 0 or step == cfg.steps:
                 logger.log_table("ppo_completions", completions_table(batch, gold), step=step)
             bar.advance(f"score {row['objective/scores']:.2f} kl {row['objective/kl']:.2f} "
-                        f"loss {row['loss/policy_avg'] + cfg.vf_coef * row['loss/value_avg']:.3f}"
+                        f"loss {row['loss/policy_avg'] + cfg.vf_coef * row.get('loss/value_avg', 0):.3f}"
                         + (f" gold {row['objective/gold_reward']:.2f}"
                            if "objective/gold_reward" in row else ""))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
