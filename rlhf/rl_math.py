@@ -4,7 +4,8 @@ Conventions: B = batch, T = response length, V = vocabulary. `mask` is (B, T), T
 on valid (non-padding) response tokens, the EOS included when one was emitted; responses are
 right-padded, so `mask` is a prefix mask per row. Every mean is taken over valid tokens only.
 Names and formulas follow InstructGPT, "The N+ implementation details of RLHF with PPO" and
-TRL. Nothing here loops over tokens or samples in Python.
+TRL; the critic-free estimators follow GRPO (DeepSeekMath), Dr. GRPO, RLOO (Ahmadian et al.
+2024) and REINFORCE++ (Hu 2025), the KL estimators Schulman's "Approximating KL divergence". Nothing here loops over tokens or samples in Python.
 """
 
 from __future__ import annotations

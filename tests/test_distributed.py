@@ -64,9 +64,9 @@ def per_step(root: Path, stage: str) -> dict[str, list[float]]:
     if stage == "ppo":
         with open(root / "metrics" / "ppo_history.csv") as handle:
             rows = list(csv.DictReader(handle))
-        keys = ("loss/policy_avg", "loss/value_avg", "objective/kl", "objective/scores",
-                "policy/entropy_avg", "objective/gold_reward")
-        return {k: [float(r[k]) for r in rows] for k in keys}
+        keys = ("loss/policy_avg", "loss/value_avg", "loss/kl_avg", "objective/kl",
+                "objective/scores", "policy/entropy_avg", "objective/gold_reward")
+        return {k: [float(r[k]) for r in rows] for k in keys if k in rows[0]}
     state = ckpt.read_state(ckpt.checkpoint_dirs(root / "checkpoints" / stage)[-1])
     if stage == "sft":
         return {"loss": state["losses"]}
@@ -117,6 +117,17 @@ def test_two_processes_with_micro_batches_ptx_and_a_policy_value_head(trained_up
     run_here(one, "ppo")
     two = project(trained_upstream, tmp_path / "two", extra)
     launch(two, "ppo", *TWO, "train.grad_accum=2")
+    assert_close(per_step(two, "ppo"), per_step(one, "ppo"))
+
+
+def test_two_processes_match_one_for_a_critic_free_estimator(trained_upstream, tmp_path):
+    """GRPO's groups span the gathered batch; its KL term is in the loss, its reward gold."""
+    extra = EXTRA["ppo"] + ["ppo.advantage=grpo", "ppo.num_generations=4", "ppo.reward=gold",
+                            "ppo.kl_penalty=loss", "ppo.kl_estimator=k3"]
+    one = project(trained_upstream, tmp_path / "one", extra)
+    run_here(one, "ppo")
+    two = project(trained_upstream, tmp_path / "two", extra)
+    launch(two, "ppo", *TWO)
     assert_close(per_step(two, "ppo"), per_step(one, "ppo"))
 
 

@@ -9,6 +9,13 @@ Each iteration (`ppo_iteration`), in the order of the N+ reference implementatio
   6. adapt beta towards the KL target.
 The math of steps 3-5 lives in `rlhf.rl_math` as pure, unit-tested functions.
 
+That is the default, `ppo.advantage=gae`. The critic-free estimators replace step 4 and drop
+the value model and its loss: `grpo` and `rloo` compare the `ppo.num_generations` samples of
+each prompt (a rollout is whole groups), `reinforce_pp` whitens the returns over the batch.
+`ppo.kl_penalty=loss` moves beta * KL from step 3 into step 5's loss, `ppo.kl_estimator`
+picks Schulman's k1, k2 or k3, and `ppo.reward` scores with the reward model, the builtin
+task's gold verifier or a user's function (`rlhf.rewards`).
+
 With `train.num_processes` > 1 each rank samples and scores its shard of the rollout batch
 (row i of the global batch is sampled with its own seeded generator, so the samples do not
 depend on the world size), the shards are gathered so every rank holds the whole batch for
