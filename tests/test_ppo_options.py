@@ -77,7 +77,8 @@ def test_missing_eos_penalty_replaces_the_score_of_responses_without_eos(upstrea
     ["ppo.advantage=rloo", "ppo.num_generations=4", "ppo.kl_estimator=k2"],
     ["ppo.advantage=reinforce_pp", "ppo.ptx_coef=0.5"],
     ["ppo.kl_penalty=loss", "ppo.kl_estimator=k3"],  # PPO with GRPO's KL term
-], ids=["grpo-kl-loss", "dr-grpo", "rloo-k2", "reinforce_pp-ptx", "gae-kl-loss"])
+    ["ppo.advantage=grpo", "ppo.num_generations=2", "model.lora=true"],
+], ids=["grpo-kl-loss", "dr-grpo", "rloo-k2", "reinforce_pp-ptx", "gae-kl-loss", "grpo-lora"])
 def test_each_estimator_trains(upstream_copy, options):
     rows = run_ppo(upstream_copy, *options, "ppo.steps=2")
     assert len(rows) == 2
@@ -163,3 +164,21 @@ def test_lineage_names_the_estimator_and_the_reward_functions_file(tmp_path):
         "rloo", "my_rewards:constant", "reward")
     source = (tmp_path / "my_rewards.py").read_bytes()
     assert tags["ppo.reward.sha256"] == hashlib.sha256(source).hexdigest()
+
+
+def test_a_critic_free_run_resumes_exactly(upstream_copy):
+    import json
+
+    from rlhf import checkpoints as ckpt
+
+    options = ["ppo.advantage=rloo", "ppo.num_generations=4", "ppo.kl_penalty=loss",
+               "ppo.steps=3"]
+    whole = run_ppo(upstream_copy, *options)
+    # As if killed after step 2: the finished run's last checkpoint goes, the one of step 2
+    # (not marked complete) is what the rerun finds.
+    shutil.rmtree(ckpt.checkpoint_dirs(upstream_copy / "checkpoints" / "ppo")[-1])
+    resumed = run_ppo(upstream_copy, *options)
+    assert len(resumed) == 1  # step 3 only
+    assert {k: v for k, v in resumed[0].items() if k != "eps"} == \
+        {k: v for k, v in whole[2].items() if k != "eps"}
+    assert json.loads((upstream_copy / "metrics" / "ppo.json").read_text())["steps"] == 3.0
