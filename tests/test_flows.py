@@ -263,6 +263,26 @@ def test_changing_kl_coef_reruns_only_ppo_and_below(first_run, project):
         "ppo": "Skipped", "evaluate": "Skipped"}
 
 
+def test_a_critic_free_run_on_the_gold_reward_registers_a_version_the_gate_judges(first_run,
+                                                                                  project):
+    algorithm = ["ppo.advantage=grpo", "ppo.num_generations=4", "ppo.reward=gold",
+                 "ppo.kl_penalty=loss", "ppo.kl_estimator=k3"]
+    changed = run_flow(project, algorithm)
+    assert changed["stages"]["ppo"] == "Completed" and changed["stages"]["sft"] == "Skipped"
+    version = MlflowClient().get_model_version("rlhf-policy", str(changed["model_version"]))
+    assert {k: version.tags[k] for k in ("ppo.advantage", "ppo.reward", "ppo.kl_penalty",
+                                         "ppo.kl_estimator")} == {
+        "ppo.advantage": "grpo", "ppo.reward": "gold", "ppo.kl_penalty": "loss",
+        "ppo.kl_estimator": "k3"}
+    decision = promote_flow(params_file=str(project / "params.yaml"), root=str(project))
+    assert decision["version"] == changed["model_version"]
+    assert decision["promoted"] == (not decision["reasons"])
+    # Back to PPO for the tests after this one: DVC's run-cache has it, nothing reruns.
+    back = run_flow(project, ["ppo.advantage=gae", "ppo.num_generations=1", "ppo.reward=model",
+                              "ppo.kl_penalty=reward", "ppo.kl_estimator=k1"])
+    assert back["stages"]["ppo"] == "Skipped"
+
+
 def test_a_fresh_clone_restores_every_stage_another_clone_pushed(first_run, project,
                                                                   tmp_path, monkeypatch):
     """RLHF_DVC_REMOTE (here a folder; S3 in infra/): the flow pushes outputs and run-cache at
