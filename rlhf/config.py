@@ -456,7 +456,7 @@ class Params(Section):
     reward: RewardConfig = RewardConfig()
     """Reward-model training."""
     ppo: PPOConfig = PPOConfig()
-    """PPO with a per-token KL penalty."""
+    """PPO with a per-token KL penalty, or a critic-free estimator (GRPO, RLOO, REINFORCE++)."""
     eval: EvalConfig = EvalConfig()
     """Evaluation on held-out prompts."""
     registry: RegistryConfig = RegistryConfig()
