@@ -50,9 +50,13 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 
     With shift_mean=False the mean is added back (only the scale changes). Invalid positions
     go through the same affine map, so they hold garbage-but-finite values: callers mask them.
+    With one valid entry there is no variance: it is only centred (to 0; unchanged with
+    shift_mean=False), as a batch of one one-token response needs.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)  # (), ()
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)  # x.shape
+    mean = masked_mean(x, mask)  # ()
+    if mask.sum() < 2:
+        return x - mean if shift_mean else x
+    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask) + 1e-8)  # x.shape
     return whitened if shift_mean else whitened + mean
 
 

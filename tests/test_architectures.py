@@ -692,3 +692,22 @@ def test_sft_and_reward_with_lora_train_adapters_and_heads_only(tmp_path, model_
     reward = ScalarHeadModel.load(paths.reward)
     assert reward.head.weight.abs().sum() > 0
     assert json.loads((paths.sft / "config.json").read_text())["use_cache"] is True
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_disable_dropout_zeroes_the_attention_dropout_rates_too(arch):
+    """Llama and Qwen2 apply `config.attention_dropout` as a float in train mode: with 0.1 the
+    PPO ratio was not 1 before the first update (0.029 max |log ratio| measured)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.models import lora
+
+    tokenizer = build_tokenizer(arch)
+    config = tiny_config(arch, len(tokenizer), tokenizer)
+    config.attention_dropout = 0.1
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).train()
+    ids = torch.randint(3, 200, (2, 12))
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout is live
+    lora.disable_dropout(model)
+    assert torch.equal(model(ids).logits, model(ids).logits)

@@ -182,3 +182,10 @@ def test_a_critic_free_run_resumes_exactly(upstream_copy):
     assert {k: v for k, v in resumed[0].items() if k != "eps"} == \
         {k: v for k, v in whole[2].items() if k != "eps"}
     assert json.loads((upstream_copy / "metrics" / "ppo.json").read_text())["steps"] == 3.0
+
+
+def test_a_batch_of_one_with_one_token_responses_trains(upstream_copy):
+    # One valid token in the whole batch: whitening has no variance to divide by.
+    rows = run_ppo(upstream_copy, "ppo.batch_size=1", "ppo.num_minibatches=1",
+                   "ppo.max_new_tokens=1", "ppo.steps=2")
+    assert len(rows) == 2 and all(v == v for row in rows for v in row.values())

@@ -49,6 +49,13 @@ def test_masked_var_with_and_without_bessel():
         rl.masked_var(x, torch.tensor([[True, False, False, False]]))
 
 
+def test_masked_whiten_of_a_single_valid_entry_only_centres_it():
+    x = torch.tensor([[3.0, 100.0]])
+    mask = torch.tensor([[True, False]])
+    close(rl.masked_whiten(x, mask), [[0.0, 97.0]])  # the pad through the same shift
+    close(rl.masked_whiten(x, mask, shift_mean=False), [[3.0, 100.0]])
+
+
 def test_masked_whiten_by_hand():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[True, True, True, False]])

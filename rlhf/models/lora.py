@@ -102,12 +102,22 @@ def restore_config(model: nn.Module) -> nn.Module:
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """Every dropout layer set to p = 0 (PPO: a sample's log-prob must not depend on the
-    forward pass it came from, or the ratio is not 1 at the first minibatch; TRL does the same)."""
+    """Every dropout set to p = 0 (PPO: a sample's log-prob must not depend on the forward
+    pass it came from, or the ratio is not 1 at the first minibatch; TRL does the same).
+
+    Dropout layers, and the float rates that Llama, Qwen2, Mistral and others keep on their
+    attention modules (`attention_dropout`, read from the config in train mode)."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        for name in DROPOUT_RATES:
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
     return model
+
+
+DROPOUT_RATES = ("attention_dropout", "attn_dropout", "dropout_p")
+"""Attribute names under which transformers' modules hold a dropout rate as a plain float."""
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
