@@ -344,6 +344,11 @@ class PPOConfig(Section):
         """Whether the estimator needs a value model (only gae does)."""
         return self.advantage == "gae"
 
+    @property
+    def reward_function(self) -> Optional[str]:
+        """`reward` when it names a user's module:function; None for model and gold."""
+        return None if self.reward in ("model", "gold") else self.reward
+
     @model_validator(mode="after")
     def _minibatches_divide(self) -> "PPOConfig":
         if self.batch_size % self.num_minibatches:
@@ -359,7 +364,7 @@ class PPOConfig(Section):
             raise ValueError(
                 f"ppo.batch_size ({self.batch_size}) must be divisible by "
                 f"ppo.num_generations ({self.num_generations}): a rollout is whole groups")
-        if self.reward not in ("model", "gold") and not _is_function_name(self.reward):
+        if self.reward_function and not _is_function_name(self.reward_function):
             raise ValueError(
                 f"ppo.reward={self.reward!r} is not a reward source: use model, gold, or "
                 "module:function (e.g. my_rewards:score)")
@@ -571,10 +576,11 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         params = Params.model_validate(raw)
     except ValidationError as exc:
         raise ParamsError(_describe(exc.errors()[0], source)) from None
-    if _is_function_name(params.ppo.reward):  # a function that cannot load stops the run now
+    if params.ppo.reward_function:  # a function that cannot load stops the run now
         from rlhf.rewards import load_function
 
-        load_function(params.ppo.reward, Path(path).resolve().parent if path else Path.cwd())
+        load_function(params.ppo.reward_function,
+                      Path(path).resolve().parent if path else Path.cwd())
     return params
 
 

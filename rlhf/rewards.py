@@ -45,26 +45,42 @@ def load_function(spec: str, root: Optional[Path] = None) -> TextScorer:
     return function
 
 
+def _file_in_root(name: str, root: Optional[Path]) -> Optional[Path]:
+    """Module `name` as a file (or package) in `root`, if it is there."""
+    if root is None:
+        return None
+    base = Path(root, *name.split("."))
+    return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()),
+                None)
+
+
 def _load_module(name: str, root: Optional[Path]):
-    base = Path(root or ".", *name.split("."))
-    for file in (base.with_suffix(".py"), base / "__init__.py"):
-        if root is not None and file.is_file():
-            spec = importlib.util.spec_from_file_location(name, file)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module  # as an import would: pickling and dataclasses look here
-            try:
-                spec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[name]
-                raise
-            return module
-    return importlib.import_module(name)
+    file = _file_in_root(name, root)
+    if file is None:
+        return importlib.import_module(name)
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import would: pickling and dataclasses look here
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def module_file(spec: str, root: Optional[Path] = None) -> Path:
-    """The file of the module that holds `spec`'s function (what a checkpoint must match)."""
-    load_function(spec, root)
-    return Path(sys.modules[spec.partition(":")[0]].__file__)
+    """The file of the module that holds `spec`'s function (what a checkpoint must match),
+    found without running the module again."""
+    name = spec.partition(":")[0]
+    file = _file_in_root(name, root)
+    if file is None:
+        found = importlib.util.find_spec(name)
+        if found is None or not found.origin:
+            raise ParamsError(f"ppo.reward={spec!r}: module {name} has no source file; put "
+                              f"{name}.py in the project root or install it")
+        file = Path(found.origin)
+    return file
 
 
 def score(scorer: TextScorer, spec: str, prompts: Sequence[str],

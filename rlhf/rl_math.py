@@ -5,7 +5,8 @@ on valid (non-padding) response tokens, the EOS included when one was emitted; r
 right-padded, so `mask` is a prefix mask per row. Every mean is taken over valid tokens only.
 Names and formulas follow InstructGPT, "The N+ implementation details of RLHF with PPO" and
 TRL; the critic-free estimators follow GRPO (DeepSeekMath), Dr. GRPO, RLOO (Ahmadian et al.
-2024) and REINFORCE++ (Hu 2025), the KL estimators Schulman's "Approximating KL divergence". Nothing here loops over tokens or samples in Python.
+2024) and REINFORCE++ (Hu 2025), the KL estimators Schulman's "Approximating KL divergence".
+Nothing here loops over tokens or samples in Python.
 """
 
 from __future__ import annotations

@@ -32,8 +32,9 @@ def lineage_tags(params: Params, paths: Paths, extra: Optional[Mapping[str, Any]
     # How the policy was trained: the estimator, the KL's place, and what rewarded it.
     tags.update({f"ppo.{key}": getattr(params.ppo, key)
                  for key in ("advantage", "kl_penalty", "kl_estimator", "reward")})
-    if params.ppo.reward not in ("model", "gold"):
-        tags["ppo.reward.sha256"] = sha256_file(module_file(params.ppo.reward, paths.root))
+    if params.ppo.reward_function:
+        tags["ppo.reward.sha256"] = sha256_file(module_file(params.ppo.reward_function,
+                                                            paths.root))
     tags.update(extra or {})
     return tags
 

@@ -398,9 +398,9 @@ def text_scorer(params: Params, paths: Paths) -> Optional[rewards.TextScorer]:
     if params.ppo.reward == "model":
         return None
     if params.ppo.reward == "gold":
-        return lambda prompts, responses: [builtin_sort.gold_score(p, r)
-                                           for p, r in zip(prompts, responses)]
-    return rewards.load_function(params.ppo.reward, paths.root)
+        gold = gold_reward_fn(params)  # not None: the params refuse gold without a verifier
+        return lambda prompts, responses: [gold(p, r) for p, r in zip(prompts, responses)]
+    return rewards.load_function(params.ppo.reward_function, paths.root)
 
 
 class PromptBatches:
@@ -492,8 +492,8 @@ def load_lora_models(params: Params, paths: Paths):
 def reward_inputs(params: Params, paths: Paths) -> list[Path]:
     """The files PPO's rewards come from: the reward model, and a reward function's module."""
     inputs = [paths.reward] if uses_reward_model(params) else []
-    if params.ppo.reward not in ("model", "gold"):
-        inputs.append(rewards.module_file(params.ppo.reward, paths.root))
+    if params.ppo.reward_function:
+        inputs.append(rewards.module_file(params.ppo.reward_function, paths.root))
     return inputs
 
 
@@ -567,8 +567,9 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
             logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
             if step % cfg.log_completions_every == 0 or step == cfg.steps:
                 logger.log_table("ppo_completions", completions_table(batch, gold), step=step)
+            loss = row["loss/policy_avg"] + cfg.vf_coef * row.get("loss/value_avg", 0.0)
             bar.advance(f"score {row['objective/scores']:.2f} kl {row['objective/kl']:.2f} "
-                        f"loss {row['loss/policy_avg'] + cfg.vf_coef * row.get('loss/value_avg', 0):.3f}"
+                        f"loss {loss:.3f}"
                         + (f" gold {row['objective/gold_reward']:.2f}"
                            if "objective/gold_reward" in row else ""))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
