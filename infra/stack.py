@@ -535,11 +535,13 @@ def dvc_remote(directory: str) -> None:
     root = Path(directory)
     if not (root / ".dvc").is_dir():
         raise Problem(f"{root} is not a DVC project (no .dvc/): run `dvc init` there first")
-    commands = [["remote", "add", "--local", "--force", "-d", "infra",
+    # "--" ends the options: a generated secret may begin with "-" (token_urlsafe's alphabet).
+    commands = [["remote", "add", "--local", "--force", "-d", "--", "infra",
                  client_env(cfg, creds)["RLHF_DVC_REMOTE"]],
-                ["remote", "modify", "--local", "infra", "endpointurl", urls(cfg)["s3"]],
-                ["remote", "modify", "--local", "infra", "access_key_id", creds["s3_access_key"]],
-                ["remote", "modify", "--local", "infra", "secret_access_key",
+                ["remote", "modify", "--local", "--", "infra", "endpointurl", urls(cfg)["s3"]],
+                ["remote", "modify", "--local", "--", "infra", "access_key_id",
+                 creds["s3_access_key"]],
+                ["remote", "modify", "--local", "--", "infra", "secret_access_key",
                  creds["s3_secret_key"]]]
     dvc = BIN / "dvc" if (BIN / "dvc").exists() else "dvc"
     for args in commands:
