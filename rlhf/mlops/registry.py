@@ -77,7 +77,7 @@ def register_policy(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # The policy is our own output (a plain transformers model): no remote code, safetensors only.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True,
+    model = AutoModelForCausalLM.from_pretrained(_local(model_dir), use_safetensors=True,
                                                  trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     if sampling is not None:
@@ -116,7 +116,7 @@ def register_reward_model(model_dir: Path, registered_name: str, sha256: str,
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, use_safetensors=True, trust_remote_code=False)
+        _local(model_dir), use_safetensors=True, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     info = _log_transformers({"model": model, "tokenizer": tokenizer}, "reward_model",
                              "text-classification", registered_name, run_id)
@@ -124,6 +124,13 @@ def register_reward_model(model_dir: Path, registered_name: str, sha256: str,
     for key, value in {**redact(lineage_tags), "reward.sha256": sha256}.items():
         client.set_model_version_tag(registered_name, version, key, value)
     return int(version)
+
+
+def _local(model_dir: Path) -> Path:
+    """The model's folder as an absolute path, which becomes the model's `name_or_path`.
+    MLflow's transformers flavor looks a relative one (`models/policy`) up on the Hugging
+    Face hub for a model card and a license: 46 s of retries on a machine without the hub."""
+    return Path(model_dir).resolve()
 
 
 def _log_transformers(components: dict, name: str, task: str, registered_name: str,
