@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,40 @@ def upstream_copy(trained_upstream: Path, tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _migrated_prefect_database() -> Path:
+    """A Prefect database with every migration applied, made once per test session (by one
+    xdist worker, the others wait on the lock): a fresh PREFECT_HOME's first server start
+    spends ~11 s migrating an empty database, and the tests start dozens."""
+    import fcntl
+    import tempfile
+
+    session = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+    folder = Path(tempfile.gettempdir()) / f"rlhf-tests-prefect-{session}"
+    database = folder / "home" / "prefect.db"
+    folder.mkdir(exist_ok=True)
+    with open(folder / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not database.exists():
+            building = folder / "building"
+            shutil.rmtree(building, ignore_errors=True)
+            env = {**os.environ, "PREFECT_HOME": str(building)}
+            env.pop("PREFECT_API_URL", None)
+            # The server `rlhf run` starts, started and stopped once: it migrates the database.
+            subprocess.run([sys.executable, "-c", "from pathlib import Path; from rlhf.mlops."
+                            "prefect_server import temporary_server as t\nwith t(Path('.')): pass"],
+                           cwd=folder, env=env, check=True, timeout=600)
+            building.rename(folder / "home")
+    return database
+
+
+def prefect_home(path: Path) -> str:
+    """A new PREFECT_HOME at `path`, its database already migrated (a copy of
+    `_migrated_prefect_database`): what each test's own Prefect server starts from."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(_migrated_prefect_database(), path / "prefect.db")
+    return str(path)
+
+
 def sh(*command: str, cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command as a user would; on failure show its output's tail."""
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
@@ -96,7 +131,7 @@ def clone_project(root: Path, extra_files=None) -> dict:
     write_overrides(root / "params.yaml", TINY_OVERRIDES)
     if extra_files is not None:
         extra_files(root)
-    env = {**os.environ, "PREFECT_HOME": str(root / ".prefect-home"),
+    env = {**os.environ, "PREFECT_HOME": prefect_home(root / ".prefect-home"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RLHF_NO_PROGRESS": "1",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}

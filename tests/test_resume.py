@@ -22,7 +22,7 @@ from rlhf import checkpoints as ckpt
 from rlhf.config import write_overrides
 from rlhf.io import remove_orphans, tree_hashes
 
-from .conftest import REPO, TINY_OVERRIDES
+from .conftest import REPO, TINY_OVERRIDES, prefect_home
 
 # Long enough that the kill lands between two checkpoints, short enough for CI.
 RESUME_OVERRIDES = {
@@ -137,7 +137,7 @@ def test_rlhf_run_killed_in_ppo_resumes_on_the_next_run(tiny_project):
     stages from the cache and resumes PPO from its checkpoint."""
     root = tiny_project
     write_overrides(root / "params.yaml", RESUME_OVERRIDES["ppo"])
-    env = {**os.environ, "PREFECT_HOME": str(root / ".prefect-home")}
+    env = {**os.environ, "PREFECT_HOME": prefect_home(root / ".prefect-home")}
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
         env.pop(name, None)
     command = [sys.executable, "-m", "rlhf.cli", "run", "--root", str(root),

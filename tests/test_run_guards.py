@@ -17,7 +17,7 @@ from rlhf import stages
 from rlhf.config import load_params
 from rlhf.paths import Paths
 
-from .conftest import REPO
+from .conftest import REPO, prefect_home
 from .test_inputs import one_line
 
 
@@ -165,7 +165,7 @@ def test_a_deployed_flow_run_shows_a_user_error_in_one_line(tmp_path):
               "with handle_engine_signals():\n"
               "    rlhf_pipeline(overrides=['data.source=missing.jsonl'], track=False)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "RLHF_NO_PROGRESS": "1",
-           "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_HOME": prefect_home(tmp_path / "prefect-home"),
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     env.pop("PREFECT_API_URL", None)
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, TINY_OVERRIDES
+from .conftest import REPO, TINY_OVERRIDES, prefect_home
 
 pytest.importorskip("prefect")
 pytest.importorskip("mlflow")
@@ -28,7 +28,7 @@ SECRET = "Sekr3t-pw-0451"
 def run_cli(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "RLHF_NO_PROGRESS": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_HOME": str(project / "prefect-home"),
+           "PREFECT_HOME": prefect_home(project / "prefect-home"),
            # The result store this setting chose is gone: it once gave a 112-line traceback.
            "RLHF_RESULT_STORAGE": f"file://{project / 'no-such-store'}"}
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):

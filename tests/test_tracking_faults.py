@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, TINY_OVERRIDES
+from .conftest import REPO, TINY_OVERRIDES, prefect_home
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
@@ -371,7 +371,7 @@ def test_killed_rlhf_run_leaves_no_half_state(tmp_path):
     project.mkdir()
     shutil.copy(REPO / "params.yaml", project / "params.yaml")
     params_before = (project / "params.yaml").read_bytes()
-    env = cli_env(PREFECT_HOME=str(tmp_path / "prefect-home"))
+    env = cli_env(PREFECT_HOME=prefect_home(tmp_path / "prefect-home"))
     sets = [arg for override in TINY_OVERRIDES for arg in ("--set", override)]
     log = tmp_path / "killed.log"
     with open(log, "w") as out:
