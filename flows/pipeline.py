@@ -41,6 +41,7 @@ from rlhf.mlops.overrides import hide as hide_overrides
 from rlhf.mlops.overrides import reveal as reveal_overrides
 from rlhf.paths import Paths
 from rlhf.redact import redact_override, redact_text, redact_value
+from rlhf.tracking import NullLogger
 
 
 @contextlib.contextmanager
@@ -90,19 +91,6 @@ def stage_task(stage: str, params: dict, root: str, parent_run_id: Optional[str]
     return metrics
 
 
-class _Untracked:
-    """The parent run's stand-in under `track=False`: stages get no logger, nothing is sent."""
-
-    run_id = None
-    experiment_id = None
-
-    def log_metrics(self, metrics, step=None) -> None:
-        pass
-
-    def set_tags(self, tags) -> None:
-        pass
-
-
 # Prefect writes a failed run's exception to its result storage whatever persist_result says:
 # JSON, so that nothing is ever pickled.
 @flow(name="rlhf-pipeline", persist_result=False, result_serializer="json")
@@ -150,7 +138,7 @@ def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) ->
     states: dict[str, str] = {}
     try:
         with overrides_applied(params_file, overrides) as keep_overrides:
-            parent_run = contextlib.nullcontext(_Untracked())
+            parent_run = contextlib.nullcontext(NullLogger())
             if track:
                 from rlhf.mlops.mlflow_tracking import (configure, ensure_reachable,
                                                         pipeline_run, recover)

@@ -26,7 +26,14 @@ class MetricsLogger(Protocol):
 
 
 class NullLogger:
-    """Discards everything: the default when a stage runs without tracking."""
+    """Discards everything: the default when a stage runs without tracking (and the
+    pipeline's stand-in for its parent run under `--no-track`)."""
+
+    run_id = None
+    experiment_id = None
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         pass

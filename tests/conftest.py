@@ -12,6 +12,10 @@ import pytest
 
 os.environ.setdefault("RLHF_NO_PROGRESS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# One torch thread per process (inherited by every subprocess a test starts): the tests run
+# three files at a time on two cores, and OpenMP threads spinning on a shared core cost
+# ~35% of the wall time (three tiny `rlhf run`s side by side: 63 s each, 39 s with one thread).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 

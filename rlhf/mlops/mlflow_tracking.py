@@ -92,27 +92,19 @@ def configure(project_root: Path) -> str:
     return uri
 
 
+def _git(cwd: Path | None, *args: str) -> str | None:
+    """`git ARGS` in `cwd`: its output, or None outside a git repository (or on an error)."""
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def git_commit(cwd: Path | None = None) -> str | None:
     """`git rev-parse HEAD` in `cwd`, or None outside a git repository (or before any commit)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
-
-
-def _git_dirty(cwd: Path | None = None) -> bool | None:
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd, capture_output=True, text=True, timeout=10,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
+    commit = _git(cwd, "rev-parse", "HEAD")
+    return commit if commit and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
 
 
 class MLflowLogger:
@@ -255,9 +247,9 @@ def pipeline_run(
     if commit is not None:
         all_tags["git.commit"] = commit
         all_tags["mlflow.source.git.commit"] = commit
-        dirty = _git_dirty(project_root)
-        if dirty is not None:
-            all_tags["git.dirty"] = str(dirty).lower()
+        changes = _git(project_root, "status", "--porcelain", "--untracked-files=no")
+        if changes is not None:
+            all_tags["git.dirty"] = str(bool(changes)).lower()
     all_tags.update(tags or {})
     all_tags.update(owner_tags())
     run = mlflow.start_run(
