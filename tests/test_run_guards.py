@@ -71,7 +71,7 @@ def _wait_for(condition, process, seconds: float = 240) -> None:
 
 
 def test_a_second_run_of_a_running_stage_stops_naming_the_first(prepared):
-    first = rlhf("stage", "sft", "--no-track", "--set", "sft.epochs=200", cwd=prepared,
+    first = rlhf("stage", "sft", "--no-track", "--set", "sft.epochs=100000", cwd=prepared,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lock = prepared / ".rlhf" / "locks" / "sft.lock"
     try:
@@ -81,6 +81,7 @@ def test_a_second_run_of_a_running_stage_stops_naming_the_first(prepared):
         assert f"process {first.pid} on" in line
         # Another stage is not held up by it.
         assert rlhf("stage", "reference", "--no-track", cwd=prepared).returncode != 0  # no sft
+        assert first.poll() is None, "the first sft ended: the test proved nothing"
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
