@@ -176,6 +176,9 @@ def test_a_killed_two_process_run_resumes_on_one_or_two(trained_upstream, tmp_pa
     (["train.num_processes=4096"], "is more than this machine's"),
     (["train.num_processes=2", "train.accelerate_config=configs/accelerate/none.yaml"],
      "no such file"),
+    (["train.num_processes=2", "train.grad_accum=2",
+      f"train.accelerate_config={REPO / 'configs/accelerate/deepspeed_zero2.yaml'}"],
+     "train.grad_accum=2 with DeepSpeed"),
     (["train.num_processes=2", "ppo.batch_size=18"],
      "ppo.batch_size=18 does not split evenly into train.num_processes (2)"),
 ])

@@ -94,8 +94,14 @@ def check_launchable(params: Params) -> None:
         settings = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ParamsError(f"train.accelerate_config={config!r} is not readable YAML ({exc})")
-    if (str(settings.get("distributed_type", "")).upper() == "DEEPSPEED"
-            and importlib.util.find_spec("deepspeed") is None):
+    deepspeed = str(settings.get("distributed_type", "")).upper() == "DEEPSPEED"
+    if deepspeed and params.train.grad_accum > 1:
+        # The stages accumulate micro-batches under `no_sync`, which leaves Accelerate's
+        # sync_gradients True with DeepSpeed: its backward would step after each micro-batch.
+        raise ParamsError(f"train.grad_accum={params.train.grad_accum} with DeepSpeed "
+                          f"({config}) would step the optimizer on every micro-batch; set "
+                          "train.grad_accum=1 (or use DDP or FSDP)")
+    if deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise ParamsError(f"train.accelerate_config={config!r} uses DeepSpeed, which is not "
                           "installed; pip install -e '.[deepspeed]' (or drop the config for DDP)")
 
