@@ -232,7 +232,7 @@ def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None
     project = Path(root).resolve()
     ensure_reachable(configure(project), or_else="")
     name = params.registry.model_name
-    gate = registry.PromotionGate(**params.promote.model_dump(exclude={"auto"}))
+    gate = params.promote
 
     def against_champion(candidate: int, champion: int) -> float:
         get_run_logger().info(f"sampling version {candidate} against champion {champion}")

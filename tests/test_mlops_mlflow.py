@@ -11,7 +11,7 @@ import pytest
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 
-from rlhf.config import ModelConfig, Params  # noqa: E402
+from rlhf.config import ModelConfig, Params, PromoteConfig  # noqa: E402
 from rlhf.data.builtin_sort import ALPHABET  # noqa: E402
 from rlhf.mlops import mlflow_tracking as mt  # noqa: E402
 from rlhf.mlops import registry  # noqa: E402
@@ -188,7 +188,7 @@ def test_load_candidate_generates(registered):
 
 
 def test_promote_then_refuse(registered):
-    gate = registry.PromotionGate()
+    gate = PromoteConfig()
     first = registry.promote(NAME, version=1, gate=gate)
     assert first.promoted and first.reasons == [] and first.previous_champion is None
     assert registry.alias_version(NAME, "champion") == 1
@@ -203,7 +203,7 @@ def test_promote_then_refuse(registered):
     tags = MlflowClient().get_model_version(NAME, "2").tags
     assert tags["promotion.decision"] == "refused" and "0.71" in tags["promotion.reasons"]
 
-    lenient = registry.PromotionGate(min_gold_ratio_vs_champion=0.5, require_kl_within_budget=False)
+    lenient = PromoteConfig(min_gold_ratio_vs_champion=0.5, require_kl_within_budget=False)
     assert registry.promote(NAME, version=2, gate=lenient).promoted
     assert registry.alias_version(NAME, "champion") == 2
 

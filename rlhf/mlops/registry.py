@@ -14,6 +14,7 @@ tags, so a decision can be re-made later from the registry alone.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import math
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from rlhf.config import PromoteConfig
 from rlhf.mlops.mlflow_tracking import redact
 
 CANDIDATE = "candidate"
@@ -74,30 +76,23 @@ def register_policy(
     ancestral sampling: do_sample, top_k=0, top_p=1), so the registered model generates the way
     it was evaluated; `input_example` (a prompt) gives the version an example and a signature.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    # The policy is our own output (a plain transformers model): no remote code, safetensors only.
-    model = AutoModelForCausalLM.from_pretrained(_local(model_dir), use_safetensors=True,
-                                                 trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    if sampling is not None:
-        model.generation_config = evaluated_generation_config(model, tokenizer, sampling)
+    def generating_as_evaluated(model, tokenizer) -> None:
+        if sampling is not None:
+            model.generation_config = evaluated_generation_config(model, tokenizer, sampling)
+
     signature = None
     if input_example is not None:
         from mlflow.models import infer_signature
 
         # Declared rather than inferred: inference would generate from the example.
         signature = infer_signature(input_example, "generated text")
-    info = _log_transformers({"model": model, "tokenizer": tokenizer}, "policy",
-                             "text-generation", registered_name, run_id,
-                             input_example=input_example, signature=signature)
-    version = str(info.registered_model_version)
-    client = MlflowClient()
-    tags = {**flatten_metrics(eval_metrics), **redact(lineage_tags)}
-    for key, value in tags.items():
-        client.set_model_version_tag(registered_name, version, key, value)
-    client.set_registered_model_alias(registered_name, CANDIDATE, version)
-    return int(version)
+    version = _register(AutoModelForCausalLM, model_dir, "policy", "text-generation",
+                        registered_name, run_id, {**flatten_metrics(eval_metrics), **lineage_tags},
+                        generating_as_evaluated, input_example=input_example, signature=signature)
+    MlflowClient().set_registered_model_alias(registered_name, CANDIDATE, str(version))
+    return version
 
 
 def register_reward_model(model_dir: Path, registered_name: str, sha256: str,
@@ -105,53 +100,60 @@ def register_reward_model(model_dir: Path, registered_name: str, sha256: str,
     """Log the reward model (a standard AutoModelForSequenceClassification, num_labels=1) as a
     version of `registered_name`, unless a version with the same `reward.sha256` exists: a
     cached reward stage keeps its version. Returns the version number."""
-    client = MlflowClient()
+    from transformers import AutoModelForSequenceClassification
+
     try:
-        same = client.search_model_versions(
+        same = MlflowClient().search_model_versions(
             f"name = '{registered_name}' and tags.`reward.sha256` = '{sha256}'")
     except MlflowException:  # a store without tag search: register again
         same = []
     if same:
         return int(same[0].version)
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    return _register(AutoModelForSequenceClassification, model_dir, "reward_model",
+                     "text-classification", registered_name, run_id,
+                     {**lineage_tags, "reward.sha256": sha256})
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        _local(model_dir), use_safetensors=True, trust_remote_code=False)
+
+def _register(model_class, model_dir: Path, name: str, task: str, registered_name: str,
+              run_id: str | None, tags: Mapping[str, Any], prepare=None, **log_options) -> int:
+    """Log the transformers model in `model_dir` (and its tokenizer) under `run_id`, else this
+    thread's active run, else a new run, as a new version of `registered_name`, tagged with
+    `tags` (redacted); returns the version number."""
+    from transformers import AutoTokenizer
+
+    # Our own output (a plain transformers model): no remote code, safetensors only. From an
+    # absolute path, which becomes `name_or_path`: MLflow's transformers flavor looks a
+    # relative one (`models/policy`) up on the Hugging Face hub for a model card and a
+    # license, 46 s of retries on a machine without the hub.
+    model = model_class.from_pretrained(Path(model_dir).resolve(), use_safetensors=True,
+                                        trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    info = _log_transformers({"model": model, "tokenizer": tokenizer}, "reward_model",
-                             "text-classification", registered_name, run_id)
+    if prepare is not None:
+        prepare(model, tokenizer)
+    active = mlflow.active_run()
+    with contextlib.ExitStack() as stack:
+        if run_id is None and active is None:
+            run_id = stack.enter_context(
+                mlflow.start_run(run_name=f"register-{registered_name}")).info.run_id
+            active = mlflow.active_run()
+        run_id = run_id or active.info.run_id
+        model_id = None
+        if active is None or active.info.run_id != run_id:
+            # Not this thread's active run (e.g. a parent run opened in another thread):
+            # MLflow would file the LoggedModel under the default experiment, so create it in
+            # the run's.
+            model_id = mlflow.initialize_logged_model(
+                name=name, source_run_id=run_id,
+                experiment_id=MlflowClient().get_run(run_id).info.experiment_id).model_id
+        info = mlflow.transformers.log_model(
+            {"model": model, "tokenizer": tokenizer}, name=name, task=task,
+            pip_requirements=pip_requirements(), registered_model_name=registered_name,
+            run_id=run_id, model_id=model_id, **log_options)
     version = str(info.registered_model_version)
-    for key, value in {**redact(lineage_tags), "reward.sha256": sha256}.items():
+    client = MlflowClient()
+    for key, value in redact(tags).items():
         client.set_model_version_tag(registered_name, version, key, value)
     return int(version)
-
-
-def _local(model_dir: Path) -> Path:
-    """The model's folder as an absolute path, which becomes the model's `name_or_path`.
-    MLflow's transformers flavor looks a relative one (`models/policy`) up on the Hugging
-    Face hub for a model card and a license: 46 s of retries on a machine without the hub."""
-    return Path(model_dir).resolve()
-
-
-def _log_transformers(components: dict, name: str, task: str, registered_name: str,
-                      run_id: str | None, input_example=None, signature=None):
-    """Log transformers components under `run_id`, else this thread's active run, else a new
-    run, registering them as a new version of `registered_name`."""
-    active = mlflow.active_run()
-    if run_id is None and active is None:
-        with mlflow.start_run(run_name=f"register-{registered_name}") as run:
-            return _log_model(components, name, task, registered_name, run.info.run_id, None,
-                              input_example, signature)
-    run_id = run_id or active.info.run_id
-    model_id = None
-    if active is None or active.info.run_id != run_id:
-        # Not this thread's active run (e.g. a parent run opened in another thread): MLflow
-        # would file the LoggedModel under the default experiment, so create it in the run's.
-        model_id = mlflow.initialize_logged_model(
-            name=name, source_run_id=run_id,
-            experiment_id=MlflowClient().get_run(run_id).info.experiment_id).model_id
-    return _log_model(components, name, task, registered_name, run_id, model_id, input_example,
-                      signature)
 
 
 def evaluated_generation_config(model, tokenizer, sampling: Mapping[str, Any]):
@@ -163,45 +165,6 @@ def evaluated_generation_config(model, tokenizer, sampling: Mapping[str, Any]):
         do_sample=True, temperature=float(sampling["temperature"]), top_k=0, top_p=1.0,
         max_new_tokens=int(sampling["max_new_tokens"]), eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=model.config.bos_token_id)
-
-
-def _log_model(components: dict, name: str, task: str, registered_name: str, run_id: str,
-               model_id: str | None, input_example=None, signature=None):
-    return mlflow.transformers.log_model(
-        components,
-        name=name,
-        task=task,
-        input_example=input_example,
-        signature=signature,
-        pip_requirements=pip_requirements(),
-        registered_model_name=registered_name,
-        run_id=run_id,  # forwarded to mlflow.models.Model.log
-        model_id=model_id,
-    )
-
-
-@dataclass(frozen=True)
-class PromotionGate:
-    """What a candidate must show before it becomes the champion.
-
-    Each criterion applies where its figure exists: the gold-reward ones only on tasks with a
-    gold answer, the champion ones only when there is a champion. RM win rates work on any data.
-    """
-
-    min_rm_win_rate_vs_reference: float = 0.5
-    """The candidate must beat its reference (SFT) on at least this share of eval samples, as the reward model judges (eval.rm_win_rate)."""
-    min_rm_win_rate_vs_champion: float = 0.5
-    """The candidate must beat the current champion on at least this share of samples, as the candidate's reward model judges (sampled at promotion)."""
-    head_to_head_samples: int = 8
-    """Samples per eval prompt and model for the candidate-vs-champion comparison."""
-    require_kl_within_budget: bool = True
-    """The policy's KL to the reference must be within `eval.kl_budget` (`kl_within_budget`)."""
-    min_gold_ratio_vs_champion: float = 1.0
-    """The candidate's policy gold reward must be >= this times the champion's (no champion: pass)."""
-    min_gold_ratio_vs_reference: float = 1.0
-    """`gold_ratio` (policy / reference gold reward on the eval prompts) must be >= this."""
-    min_gold_reward: float = 0.0
-    """The candidate's policy gold reward must be >= this."""
 
 
 @dataclass
@@ -243,20 +206,33 @@ def _number(tags: Mapping[str, str], key: str) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.4g}"
+def _fmt(x: float | None) -> str:
+    return "?" if x is None else f"{x:.4g}"
+
+
+def _at_least(criterion: str, label: str, value: float | None, needed: float,
+              shown: str | None = None) -> tuple | None:
+    """A check that `value` >= `needed` (shown in the line as `shown`); None without a value."""
+    if value is None:
+        return None
+    passed = value >= needed
+    return (criterion, value, f">= {_fmt(needed)}", passed,
+            f"{label} {_fmt(value)} {'>=' if passed else '<'} {shown or _fmt(needed)}")
 
 
 def promote(
-    registered_name: str, version: int | None = None, gate: PromotionGate = PromotionGate(),
+    registered_name: str, version: int | None = None, gate: PromoteConfig = PromoteConfig(),
     champion_win_rate: Callable[[int, int], float] | None = None,
 ) -> PromotionDecision:
-    """Judge `version` (None: the `candidate` alias) with `gate`; move `champion` to it if it passes.
+    """Judge `version` (None: the `candidate` alias) with `gate` (params `promote`); move
+    `champion` to it if it passes.
 
-    The figures come from the version's `eval.*` tags, except the RM win rate against the
-    champion, which `champion_win_rate(version, champion)` measures (None: not judged). On a
-    refusal the `champion` alias is left where it was. The decision is written on the version
-    as `promotion.*` tags: the verdict, and each criterion with its value and threshold.
+    Each criterion applies where its figure exists: the gold-reward ones only on tasks with a
+    gold answer, the champion ones only when there is a champion. The figures come from the
+    version's `eval.*` tags, except the RM win rate against the champion, which
+    `champion_win_rate(version, champion)` measures (None: not judged). On a refusal the
+    `champion` alias is left where it was. The decision is written on the version as
+    `promotion.*` tags: the verdict, and each criterion with its value and threshold.
     """
     client = MlflowClient()
     if version is None:
@@ -268,56 +244,36 @@ def promote(
     decision = PromotionDecision(version=version, promoted=False, previous_champion=champion)
     rival = champion if champion is not None and champion != version else None
     rival_tags = client.get_model_version(registered_name, str(rival)).tags if rival else {}
-
-    def judge(criterion: str, value, threshold: str, passed: bool, line: str) -> None:
+    gold, champion_gold = (_number(t, "eval.policy.gold_reward") for t in (tags, rival_tags))
+    ratio = _number(tags, "eval.gold_ratio")
+    kl, budget = _number(tags, "eval.policy.kl"), _number(tags, "eval.kl_budget")
+    times = ("" if gate.min_gold_ratio_vs_champion == 1.0
+             else f"{_fmt(gate.min_gold_ratio_vs_champion)} x ")
+    within = tags.get("eval.kl_within_budget")
+    kl_line = f"KL {_fmt(kl)} vs budget {_fmt(budget)}: " + (
+        "within budget" if within == "true" else
+        f"not within budget (eval.kl_within_budget={within})")
+    checks = [  # each (criterion, value, threshold, passed, line), None where it does not apply
+        _at_least("rm_win_rate_vs_reference", "RM win rate vs reference",
+                  _number(tags, "eval.rm_win_rate"), gate.min_rm_win_rate_vs_reference),
+        _at_least("rm_win_rate_vs_champion", f"RM win rate vs champion (version {rival})",
+                  champion_win_rate(version, rival) if rival and champion_win_rate else None,
+                  gate.min_rm_win_rate_vs_champion),
+        ("kl_within_budget", kl, f"<= {_fmt(budget)}", within == "true", kl_line)
+        if gate.require_kl_within_budget else None,
+        _at_least("gold_reward", "gold reward", gold, gate.min_gold_reward,
+                  f"minimum {_fmt(gate.min_gold_reward)}"),
+        _at_least("gold_reward_vs_champion", "gold reward",
+                  gold if rival and champion_gold is not None else None,
+                  gate.min_gold_ratio_vs_champion * (champion_gold or 0.0),
+                  f"champion's {times}{_fmt(champion_gold)} (version {rival})"),
+        _at_least("gold_ratio_vs_reference", "gold ratio vs reference",
+                  ratio if gold is not None else None, gate.min_gold_ratio_vs_reference),
+    ]
+    for criterion, value, threshold, passed, line in filter(None, checks):
         decision.criteria.append({"criterion": criterion, "value": value,
                                   "threshold": threshold, "passed": passed})
         (decision.passed if passed else decision.reasons).append(line)
-
-    # On any data: the reward model's verdict against the reference, and against the champion.
-    rm_win = _number(tags, "eval.rm_win_rate")
-    if rm_win is not None:
-        needed = gate.min_rm_win_rate_vs_reference
-        judge("rm_win_rate_vs_reference", rm_win, f">= {_fmt(needed)}", rm_win >= needed,
-              f"RM win rate vs reference {_fmt(rm_win)} {'>=' if rm_win >= needed else '<'} "
-              f"{_fmt(needed)}")
-    if rival is not None and champion_win_rate is not None:
-        rate, needed = champion_win_rate(version, rival), gate.min_rm_win_rate_vs_champion
-        judge("rm_win_rate_vs_champion", rate, f">= {_fmt(needed)}", rate >= needed,
-              f"RM win rate vs champion (version {rival}) {_fmt(rate)} "
-              f"{'>=' if rate >= needed else '<'} {_fmt(needed)}")
-
-    if gate.require_kl_within_budget:
-        within = tags.get("eval.kl_within_budget")
-        kl, budget = _number(tags, "eval.policy.kl"), _number(tags, "eval.kl_budget")
-        numbers = f"KL {_fmt(kl) if kl is not None else '?'} vs budget " + (
-            _fmt(budget) if budget is not None else "?"
-        )
-        judge("kl_within_budget", kl, f"<= {_fmt(budget) if budget is not None else '?'}",
-              within == "true", f"{numbers}: within budget" if within == "true" else
-              f"{numbers}: not within budget (eval.kl_within_budget={within})")
-
-    # Where the task has a gold answer: the gold reward decides too.
-    gold = _number(tags, "eval.policy.gold_reward")
-    if gold is not None:
-        judge("gold_reward", gold, f">= {_fmt(gate.min_gold_reward)}",
-              gold >= gate.min_gold_reward,
-              f"gold reward {_fmt(gold)} {'>=' if gold >= gate.min_gold_reward else '<'} "
-              f"minimum {_fmt(gate.min_gold_reward)}")
-        champion_gold = _number(rival_tags, "eval.policy.gold_reward")
-        if rival is not None and champion_gold is not None:
-            needed = gate.min_gold_ratio_vs_champion * champion_gold
-            times = ("" if gate.min_gold_ratio_vs_champion == 1.0
-                     else f"{_fmt(gate.min_gold_ratio_vs_champion)} x ")
-            line = f"champion's {times}{_fmt(champion_gold)} (version {rival})"
-            judge("gold_reward_vs_champion", gold, f">= {_fmt(needed)}", gold >= needed,
-                  f"gold reward {_fmt(gold)} {'>=' if gold >= needed else '<'} {line}")
-        ratio = _number(tags, "eval.gold_ratio")
-        if ratio is not None:
-            needed = gate.min_gold_ratio_vs_reference
-            judge("gold_ratio_vs_reference", ratio, f">= {_fmt(needed)}", ratio >= needed,
-                  f"gold ratio vs reference {_fmt(ratio)} {'>=' if ratio >= needed else '<'} "
-                  f"{_fmt(needed)}")
 
     if not decision.criteria:
         decision.reasons.append(f"version {version} has no eval figures to judge (no eval.* "
@@ -328,9 +284,9 @@ def promote(
     verdict = {"promotion.decision": "promoted" if decision.promoted else "refused",
                "promotion.previous_champion": str(champion) if champion is not None else "none"}
     for item in decision.criteria:
-        value = _fmt(item["value"]) if isinstance(item["value"], float) else str(item["value"])
         verdict[f"promotion.{item['criterion']}"] = (
-            f"{value} (needs {item['threshold']}): {'pass' if item['passed'] else 'FAIL'}")
+            f"{_fmt(item['value'])} (needs {item['threshold']}): "
+            f"{'pass' if item['passed'] else 'FAIL'}")
     if decision.reasons:
         verdict["promotion.reasons"] = "; ".join(decision.reasons)
     for key, value in verdict.items():
