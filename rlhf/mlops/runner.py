@@ -126,9 +126,10 @@ def _one_at_a_time(name: str, params: Params, paths: Paths):
             yield
 
 
-# How a full or read-only disk surfaces: OSError, safetensors' IoError, torch's zip writer.
+# How a full or read-only disk surfaces: OSError, safetensors' IoError, torch's zip writer
+# (whose short write, "unexpected pos" or "file write failed", is a full disk).
 _DISK_TROUBLE = re.compile(r"No space left|StorageFull|Disk quota|Read-only file system|"
-                           r"unexpected pos|file write failed")
+                           r"(unexpected pos|file write failed)")
 
 
 @contextlib.contextmanager
@@ -140,7 +141,8 @@ def _disk_errors_in_one_line(name: str):
         if trouble is None:
             raise
         where = getattr(exc, "filename", None) or "its outputs"
-        raise UserError(f"stage {name} could not write {where} ({trouble[0]}); "
+        why = "No space left on device" if trouble[1] else trouble[0]
+        raise UserError(f"stage {name} could not write {where} ({why}); "
                         "its previous outputs and checkpoints are kept: free some space and "
                         "rerun it to resume") from None
 
