@@ -37,7 +37,7 @@ from flows.pipeline import promote_flow, rlhf_pipeline  # noqa: E402
 from rlhf.config import Params  # noqa: E402
 from rlhf.errors import ParamsError, UserError  # noqa: E402
 from rlhf.mlops import dag  # noqa: E402
-from rlhf.mlops.launch import free_port  # noqa: E402
+from rlhf.mlops.launch import free_port, wait_until_healthy  # noqa: E402
 from rlhf.stages import COMPUTE_STAGES, REGISTRY  # noqa: E402
 
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -444,18 +444,7 @@ def real_server(tmp_path_factory):
                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RLHF_NO_PROGRESS": "1",
                   "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
     try:
-        import httpx
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, f"prefect server exited:\n{_tail(log)}"
-            assert time.monotonic() < deadline, f"prefect server not ready:\n{_tail(log)}"
-            time.sleep(0.5)
+        wait_until_healthy(f"{url}/health", server, 120, "prefect server", log)
         with temporary_settings({PREFECT_API_URL: url}):
             yield url, client_env, home
     finally:

@@ -24,7 +24,7 @@ from .conftest import REPO, TINY_OVERRIDES, prefect_home
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 
-from rlhf.mlops.launch import free_port  # noqa: E402
+from rlhf.mlops.launch import free_port, wait_until_healthy  # noqa: E402
 
 SECRET = "pw-Outage-7731"
 
@@ -55,8 +55,6 @@ class MlflowServer:
         self.url = f"http://127.0.0.1:{port}"
 
     def start(self, timeout: float = 120) -> None:
-        import requests
-
         log = open(self.home / "server.log", "a")
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.process = subprocess.Popen(
@@ -65,16 +63,8 @@ class MlflowServer:
              "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}",
              "--default-artifact-root", str(self.home / "artifacts"), "--no-serve-artifacts"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            assert self.process.poll() is None, (self.home / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.3)
+        wait_until_healthy(f"{self.url}/health", self.process, timeout, "mlflow server",
+                           self.home / "server.log")
 
     def kill(self) -> None:
         if self.process and self.process.poll() is None:

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -166,3 +167,23 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float, what: str,
+                       log: Path, or_else: str = "") -> None:
+    """Poll GET `url` until it answers 200. UserError naming `log` (and `or_else`, what else
+    to do) if the `server` process exits first or `timeout` seconds pass."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            raise UserError(f"{what} exited with code {server.returncode}; see {log}{or_else}")
+        if time.monotonic() > deadline:
+            raise UserError(f"{what} did not answer within {timeout:.0f} s; see {log}{or_else}")
+        time.sleep(0.2)

@@ -14,12 +14,10 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from rlhf.errors import UserError
-from rlhf.mlops.launch import die_with_parent, free_port
+from rlhf.mlops.launch import die_with_parent, free_port, wait_until_healthy
 
 LOG = Path(".rlhf") / "prefect-server.log"
 
@@ -49,7 +47,6 @@ def temporary_server(root: Path, timeout: Optional[float] = None) -> Iterator[Op
     if _api_url_set():
         yield None
         return
-    import httpx
     from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
                                   get_current_settings, temporary_settings)
 
@@ -73,23 +70,10 @@ def temporary_server(root: Path, timeout: Optional[float] = None) -> Iterator[Op
             preexec_fn=lambda: die_with_parent(parent))
     try:
         # A fresh database is migrated on the first start, which can take a while.
-        limit = timeout or max(90.0, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
-        deadline = time.monotonic() + limit
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None:
-                raise UserError(f"the temporary Prefect server exited with code "
-                                f"{server.returncode}; see {log_path}, or set PREFECT_API_URL "
-                                "to a running server")
-            if time.monotonic() > deadline:
-                raise UserError(f"the temporary Prefect server did not answer within "
-                                f"{limit:.0f} s; see {log_path}, or set PREFECT_API_URL to a "
-                                "running server")
-            time.sleep(0.2)
+        wait_until_healthy(f"{url}/health", server, timeout or max(
+            90.0, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()),
+            "the temporary Prefect server", log_path,
+            or_else=", or set PREFECT_API_URL to a running server")
         with temporary_settings({PREFECT_API_URL: url}):
             try:
                 yield url
