@@ -62,6 +62,18 @@ def test_a_mistyped_root_is_one_line_and_creates_nothing(tmp_path):
     assert not (tmp_path / "projcet").exists()
 
 
+def test_a_prefect_server_that_cannot_start_is_one_line(tiny_project, monkeypatch):
+    """`rlhf run`'s temporary Prefect server dying at start (here: its database cannot be
+    created) is one line naming its log and the way out, not a wait or a traceback."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL",
+                       "sqlite+aiosqlite:////proc/no-such-dir/prefect.db")
+    line = one_line(rlhf("run", "--no-track", cwd=tiny_project))
+    assert line.startswith("error: the temporary Prefect server exited with code "), line
+    assert ".rlhf/prefect-server.log, or set PREFECT_API_URL to a running server" in line
+    assert not (tiny_project / "data").exists()  # no stage ran
+
+
 def _wait_for(condition, process, seconds: float = 240) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
