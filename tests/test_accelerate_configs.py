@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import http.server
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from rlhf.mlops.launch import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs" / "accelerate"
@@ -222,10 +223,7 @@ def serving_index(sandbox):
 @pytest.fixture(scope="module")
 def refusing_index():
     """An index URL on a local port nobody listens on: refused at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/whl/cpu"
+    return f"http://127.0.0.1:{free_port()}/whl/cpu"
 
 
 def _choice(sandbox, python="no-torch", smi=None, **env) -> subprocess.CompletedProcess:
