@@ -94,11 +94,27 @@ def ppo_history(root: Path) -> list[dict]:
         return [without_timing(row) for row in csv.DictReader(handle)]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(trained_upstream, tmp_path_factory):
+    """stage -> a project in which `stage` ran to its end, untracked, never killed: what the
+    resumed runs must equal. Each made once, on first use; read, never changed."""
+    made: dict[str, Path] = {}
+
+    def whole(stage: str) -> Path:
+        if stage not in made:
+            root = project(trained_upstream, tmp_path_factory.mktemp(f"whole-{stage}") / "p",
+                           stage)
+            run_ok(rlhf_stage(root, stage, "--no-track"), root)
+            made[stage] = root
+        return made[stage]
+
+    return whole
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
-def test_kill_9_then_rerun_resumes_exactly(stage, trained_upstream, tmp_path):
-    whole = project(trained_upstream, tmp_path / "whole", stage)
-    run_ok(rlhf_stage(whole, stage, "--no-track"), whole)
+def test_kill_9_then_rerun_resumes_exactly(stage, uninterrupted, trained_upstream, tmp_path):
+    whole = uninterrupted(stage)
 
     killed = project(trained_upstream, tmp_path / "killed", stage)
     # Tracked (an MLflow store in the project), so the resumed run must continue the same run.
@@ -195,11 +211,10 @@ def test_orphans_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sft_runs(trained_upstream, tmp_path_factory) -> tuple[Path, Path]:
+def sft_runs(uninterrupted, trained_upstream, tmp_path_factory) -> tuple[Path, Path]:
     """An uninterrupted sft run, and one killed after its second checkpoint; see `killed_sft`."""
     base = tmp_path_factory.mktemp("sft-runs")
-    whole = project(trained_upstream, base / "whole", "sft")
-    run_ok(rlhf_stage(whole, "sft", "--no-track"), whole)
+    whole = uninterrupted("sft")
     killed = project(trained_upstream, base / "killed", "sft")
     kill_after_first_checkpoint(rlhf_stage(killed, "sft", "--no-track"), killed, "sft",
                                 checkpoints=2)
