@@ -23,6 +23,7 @@ Only the last `train.checkpoint_keep` checkpoints are kept, so disk use stays bo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
+from accelerate.utils import broadcast_object_list
 from safetensors import safe_open
 
 from rlhf.errors import UserError
@@ -226,16 +228,22 @@ class Checkpoints:
     def save(self, accelerator, step: int, state: dict[str, Any]) -> None:
         """Write `step-<step>/` atomically, then drop all but the last `keep` checkpoints.
 
-        A fresh run's first save also drops the checkpoints of the run before it."""
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            return
+        Every process takes part: Accelerate's save_state is a collective where the weights
+        are sharded (FSDP, DeepSpeed) and writes each process's RNG state; the main process
+        writes the rest into the temp dir it shares with the others, and renames it once all
+        are done. A fresh run's first save also drops the checkpoints of the run before it."""
         _quiet_accelerate()
         record = {**state, "step": step, "fingerprint": self.fingerprint,
                   "tracking_run_id": self.tracking_run_id, "complete": False,
                   "resumed_from": self._resumed_from}
-        with atomic_dir(self.directory / f"step-{step:08d}") as tmp:
+        with contextlib.ExitStack() as main_only:
+            tmp = (main_only.enter_context(atomic_dir(self.directory / f"step-{step:08d}"))
+                   if accelerator.is_main_process else None)
+            tmp = Path(broadcast_object_list([tmp])[0])
             accelerator.save_state(str(tmp), safe_serialization=True)
+            accelerator.wait_for_everyone()
+            if not accelerator.is_main_process:
+                return
             (tmp / STATE_FILE).write_text(json.dumps(record))
 
         def is_stale(checkpoint: Path) -> bool:

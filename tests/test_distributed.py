@@ -153,8 +153,8 @@ def _approx_tree(ours, theirs) -> bool:
 
 @pytest.mark.slow
 def test_a_killed_two_process_run_resumes_on_one_or_two(trained_upstream, tmp_path):
-    """kill -9 of the launched group between checkpoints; the rerun resumes from rank 0's
-    checkpoint, on two processes or on one (the division of work does not shape the run),
+    """kill -9 of the launched group between checkpoints, which every rank wrote; the rerun
+    resumes from that checkpoint, on two processes or on one (the division of work does not shape the run),
     and ends where an uninterrupted one-process run ends."""
     extra = ["ppo.steps=6", "ppo.checkpoint_every=2"]
     whole = project(trained_upstream, tmp_path / "whole", extra)
@@ -165,6 +165,10 @@ def test_a_killed_two_process_run_resumes_on_one_or_two(trained_upstream, tmp_pa
             rlhf_stage(killed, "ppo", "--no-track", "--set", "train.num_processes=2"),
             killed, "ppo")
         assert 0 < step < 6
+        # Each rank took part in the save (a collective where the weights are sharded).
+        newest = ckpt.checkpoint_dirs(killed / "checkpoints" / "ppo")[-1]
+        assert {p.name for p in newest.glob("random_states_*.pkl")} == {
+            "random_states_0.pkl", "random_states_1.pkl"}
         result = launch(killed, "ppo", f"train.num_processes={world}")
         assert "resuming" in result.stdout + result.stderr
         final = ckpt.read_state(ckpt.checkpoint_dirs(killed / "checkpoints" / "ppo")[-1])
