@@ -2,8 +2,8 @@
 
 One process by default; `accelerate launch` (or torchrun) with several processes gives DDP,
 and an Accelerate config gives DeepSpeed or FSDP on GPUs, without changes to the stages.
-Only the main process writes files. Checkpoints (save and exact resume) are in
-`rlhf.checkpoints`.
+Only the main process writes outputs; every process takes part in a checkpoint (save
+and exact resume: `rlhf.checkpoints`).
 """
 
 from __future__ import annotations
