@@ -9,6 +9,7 @@ and exact resume: `rlhf.checkpoints`).
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from transformers import get_cosine_schedule_with_warmup
 
 from rlhf.config import TrainConfig
+from rlhf.errors import ParamsError
 
 
 def make_accelerator(cfg: TrainConfig, seed_offset: int = 0) -> Accelerator:
@@ -29,9 +31,24 @@ def make_accelerator(cfg: TrainConfig, seed_offset: int = 0) -> Accelerator:
     # split_batches: a stage's batch_size is the global batch, which the ranks share
     # (rlhf.distributed); Accelerate then steps a prepared scheduler once per optimizer step,
     # not once per process.
-    return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(),
-                       mixed_precision=mixed_precision,
-                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+    accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(),
+                              mixed_precision=mixed_precision,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    # An Accelerate config asking for a sharded engine reaches the ranks as these variables.
+    for engine, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(flag, "").lower() == "true":
+            check_engine_runs(engine, accelerator.distributed_type.value)
+    return accelerator
+
+
+def check_engine_runs(asked: str, runs: str) -> None:
+    """A sharded engine (FSDP, DeepSpeed) that would not be the one running is an error:
+    without GPUs Accelerate ignores it and runs DDP, every model whole on every process."""
+    if asked in ("FSDP", "DEEPSPEED") and runs != asked:
+        raise ParamsError(
+            f"the Accelerate config asks for {asked}, which Accelerate runs on GPUs only; here "
+            f"it would run {runs} instead, every model whole on every process: run on GPUs, "
+            "or drop train.accelerate_config for DDP")
 
 
 def adamw(params, **kwargs) -> torch.optim.AdamW:

@@ -185,6 +185,10 @@ def test_a_killed_two_process_run_resumes_on_one_or_two(trained_upstream, tmp_pa
      "train.grad_accum=2 with DeepSpeed"),
     (["train.num_processes=2", "ppo.batch_size=18"],
      "ppo.batch_size=18 does not split evenly into train.num_processes (2)"),
+    # Without GPUs Accelerate would ignore the config and run DDP.
+    (["train.num_processes=2", f"train.accelerate_config={REPO / 'configs/accelerate/fsdp.yaml'}"],
+     "the Accelerate config asks for FSDP, which Accelerate runs on GPUs only; here it would "
+     "run MULTI_CPU instead"),
 ])
 def test_bad_launches_stop_with_one_line(overrides, expected, trained_upstream, tmp_path):
     root = project(trained_upstream, tmp_path / "p")
@@ -212,3 +216,16 @@ def test_deepspeed_without_its_package_names_the_extra(trained_upstream, tmp_pat
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "pip install -e '.[deepspeed]'" in result.stderr
+
+
+def test_fsdp_that_accelerate_would_not_run_is_refused_in_the_rank(monkeypatch):
+    """`accelerate launch --config_file configs/accelerate/fsdp.yaml` straight, without GPUs:
+    the ranks are told to use FSDP, which Accelerate would ignore here."""
+    from rlhf.config import TrainConfig
+    from rlhf.engine import make_accelerator
+    from rlhf.errors import ParamsError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ParamsError, match="asks for FSDP, which Accelerate runs on GPUs only; "
+                                          "here it would run NO instead"):
+        make_accelerator(TrainConfig(cpu=True))

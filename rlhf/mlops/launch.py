@@ -74,8 +74,11 @@ def wants_launch(stage: str, params: Params) -> bool:
 
 def check_launchable(params: Params) -> None:
     """One line for a launch this machine cannot do: more processes than CPUs (or GPUs), an
-    Accelerate config file that is missing, or DeepSpeed without its package."""
+    Accelerate config file that is missing, DeepSpeed without its package, or a sharded
+    engine (FSDP, DeepSpeed) without GPUs."""
     import torch
+
+    from rlhf.engine import check_engine_runs
 
     wanted = params.train.num_processes
     use_gpus = torch.cuda.is_available() and not params.train.cpu
@@ -95,7 +98,8 @@ def check_launchable(params: Params) -> None:
         settings = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ParamsError(f"train.accelerate_config={config!r} is not readable YAML ({exc})")
-    deepspeed = str(settings.get("distributed_type", "")).upper() == "DEEPSPEED"
+    asked = str(settings.get("distributed_type", "")).upper()
+    deepspeed = asked == "DEEPSPEED"
     if deepspeed and params.train.grad_accum > 1:
         # The stages accumulate micro-batches under `no_sync`, which leaves Accelerate's
         # sync_gradients True with DeepSpeed: its backward would step after each micro-batch.
@@ -105,6 +109,7 @@ def check_launchable(params: Params) -> None:
     if deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise ParamsError(f"train.accelerate_config={config!r} uses DeepSpeed, which is not "
                           "installed; pip install -e '.[deepspeed]' (or drop the config for DDP)")
+    check_engine_runs(asked, asked if use_gpus else "MULTI_CPU")
 
 
 def launch_command(stage: str, params_file: Path, root: Path, params: Params) -> list[str]:
