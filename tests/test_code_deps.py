@@ -5,11 +5,7 @@ of them makes DVC rerun that stage, and an edit elsewhere does not."""
 from __future__ import annotations
 
 import ast
-import shutil
-import subprocess
 from pathlib import Path
-
-import pytest
 
 from rlhf import stages
 from rlhf.mlops import dag

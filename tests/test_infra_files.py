@@ -3,7 +3,6 @@ these machines) and that the native and Docker stacks name the same services."""
 
 from __future__ import annotations
 
-import pytest
 import yaml
 
 from .conftest import REPO
