@@ -57,17 +57,19 @@ class PrefectReportingLogger:
 
 @contextmanager
 def stage_reporting(stage: str, logger) -> Iterator[PrefectReportingLogger]:
-    """Within the block, `rlhf` log records reach this task's Prefect logs."""
-    handler = _ToRunLogger(get_run_logger())
+    """Within the block, `rlhf` log records reach this task's Prefect logs, and only them:
+    the run logger prints each line once and sends it to the Prefect UI (the CLI's own
+    progress handler and the root logger's Prefect handler would print it twice more)."""
     package_logger = logging.getLogger("rlhf")
-    level = package_logger.level
-    package_logger.addHandler(handler)
+    saved = package_logger.level, package_logger.handlers[:], package_logger.propagate
+    package_logger.handlers[:] = [_ToRunLogger(get_run_logger())]
+    package_logger.propagate = False
     package_logger.setLevel(logging.INFO)
     try:
         yield PrefectReportingLogger(logger, stage)
     finally:
-        package_logger.removeHandler(handler)
-        package_logger.setLevel(level)
+        package_logger.setLevel(saved[0])
+        package_logger.handlers[:], package_logger.propagate = saved[1], saved[2]
 
 
 def _user_error_names() -> set[str]:
