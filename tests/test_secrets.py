@@ -99,6 +99,10 @@ def test_no_track_runs_every_stage_without_mlflow_and_pickles_nothing(project):
     assert not (project / "metrics" / "register.json").exists()
     assert "not a DVC repository" in result.stderr
     assert "Error logging to API" not in result.stderr  # logs sent before the server stopped
+    # Each progress line once on the console: the task's run logger prints it (and sends it
+    # to the Prefect UI); the CLI's own handler and Prefect's root handler stay quiet.
+    first_steps = [line for line in result.stderr.splitlines() if "sft step 1/" in line]
+    assert len(first_steps) == 1 and "Task run 'sft' - sft step 1/" in first_steps[0], first_steps
     # Prefect writes only the failed run's exception to its result storage (it does so
     # whatever persist_result says), and as JSON.
     for record in (project / "prefect-home" / "storage").glob("*"):
