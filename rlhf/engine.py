@@ -35,8 +35,8 @@ def make_accelerator(cfg: TrainConfig, seed_offset: int = 0) -> Accelerator:
                               mixed_precision=mixed_precision,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     # An Accelerate config asking for a sharded engine reaches the ranks as these variables.
-    for engine, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
-        if os.environ.get(flag, "").lower() == "true":
+    for engine in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true":
             check_engine_runs(engine, accelerator.distributed_type.value)
     return accelerator
 
