@@ -19,6 +19,7 @@ from typing import ContextManager, Sequence, TypeVar
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from torch.distributed.fsdp import FSDPModule
 
 from rlhf.errors import ParamsError
 
@@ -51,8 +52,13 @@ def check_batches(stage: str, params, world_size: int) -> None:
 
 
 def sync_gradients_if(last: bool, accelerator: Accelerator, model) -> ContextManager:
-    """The context of one micro-batch's backward: DDP all-reduces the accumulated gradients
-    only after the `last` micro-batch of a step (`no_sync` before it)."""
+    """The context of one micro-batch's backward: DDP all-reduces (FSDP reduce-scatters) the
+    accumulated gradients only after the `last` micro-batch of a step (`no_sync` before it)."""
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if sharded:
+        for unit in sharded:
+            unit.set_requires_gradient_sync(last, recurse=False)
+        return contextlib.nullcontext()
     return contextlib.nullcontext() if last else accelerator.no_sync(model)
 
 

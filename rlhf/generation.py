@@ -22,6 +22,7 @@ import hashlib
 from typing import Iterator, Sequence
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList,
                           PreTrainedTokenizerBase)
 
@@ -115,8 +116,10 @@ def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]]
     if sampler is None:
         sampler = SeededGumbel(seed, range(first_row, first_row + len(prompts)), temperature)
     with only_this_config(model, config):
+        # A sharded model's forward is a collective: every process decodes until all are done.
         out = model.generate(input_ids=query, attention_mask=query_mask, generation_config=config,
-                             logits_processor=LogitsProcessorList([sampler]))
+                             logits_processor=LogitsProcessorList([sampler]),
+                             synced_gpus=isinstance(model, FSDPModule))
     responses = out[:, query.shape[1]:]
     if responses.shape[1] < max_new_tokens:
         fill = responses.new_full((responses.shape[0], max_new_tokens - responses.shape[1]),

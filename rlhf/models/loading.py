@@ -236,9 +236,13 @@ class ScalarHeadModel(nn.Module):
             use_cache=False,
         ).last_hidden_state  # (B, T, H)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                head: nn.Linear | None = None) -> torch.Tensor:
+        """The head's value at each position; `head` instead of the model's own (a frozen
+        copy, `BaseScorer`)."""
+        head = head if head is not None else self.head
         hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
-        return self.head(hidden).squeeze(-1)  # (B, T)
+        return head(hidden.to(head.weight.dtype)).squeeze(-1)  # (B, T)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         values = self(input_ids, attention_mask)  # (B, T)
@@ -352,7 +356,6 @@ class BaseScorer(nn.Module):
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         model = self._source[0]
         with model.trunk.disable_adapter():
-            hidden = model.hidden_states(input_ids, attention_mask)  # (B, T, H)
-        values = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # (B, T)
+            values = model(input_ids, attention_mask, head=self.head)  # (B, T)
         index = last_token_index(attention_mask)
         return values.gather(1, index[:, None]).squeeze(1)  # (B,)

@@ -64,10 +64,17 @@ def sample_and_score(model, reference, reward_model, tokenizer, prompts: list[st
     seed = derive_seed(params.train.seed, "eval", label)
     out: dict[str, list] = {"prompt": [], "text": [], "score": [], "kl": [], "length": [],
                             "eos": []}
-    starts = range(0, len(mine), cfg.batch_size)
+    # Sharded models run forward as a collective: every process runs as many batches as
+    # the one with the most rows, a process out of rows repeating its last one, unrecorded.
+    most = -(-len(repeated) // accelerator.num_processes) if accelerator is not None else len(mine)
+    starts = range(0, most if getattr(accelerator, "splits_weights", False) else len(mine),
+                   cfg.batch_size)
     with progress_bar(f"eval {label}", len(starts)) as bar:
         for start in starts:
             chunk = mine[start:start + cfg.batch_size]
+            filler = not chunk
+            if filler:
+                chunk = (mine or repeated)[-1:]
             query, query_mask, responses = generate(
                 model, tokenizer, [encode(tokenizer, p) for p in chunk], cfg.max_new_tokens,
                 cfg.temperature, device, seed=seed, first_row=share.start + start)
@@ -88,13 +95,16 @@ def sample_and_score(model, reference, reward_model, tokenizer, prompts: list[st
                     lm_logits(reference, query_responses, attention_mask), responses, width,
                     cfg.temperature)
                 kl = rl.per_token_kl(logprobs, ref_logprobs).masked_fill(~mask, 0.0).sum(1)
+            scores = reward_model.score(query_responses, attention_mask).float().tolist()
+            bar.advance()
+            if filler:
+                continue
             out["prompt"] += chunk
             out["text"] += decode_responses(tokenizer, responses)
-            out["score"] += reward_model.score(query_responses, attention_mask).float().tolist()
+            out["score"] += scores
             out["kl"] += kl.float().tolist()
             out["length"] += lengths.tolist()
             out["eos"] += (responses == tokenizer.eos_token_id).any(1).tolist()
-            bar.advance()
     if accelerator is not None:
         out = {key: dist.gather_list(accelerator, values) for key, values in out.items()}
     return out
@@ -163,9 +173,9 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     accelerator = make_accelerator(params.train, seed_offset=5)
     device = accelerator.device
     tokenizer = load_tokenizer(paths.policy, trust)
-    policy = load_causal_lm(paths.policy, trust).to(device).eval()
-    reference = load_causal_lm(paths.reference, trust).to(device).eval()
-    reward_model = ScalarHeadModel.load(paths.reward, trust).to(device).eval()
+    policy = accelerator.shard(load_causal_lm(paths.policy, trust).eval(), "generate")
+    reference = accelerator.shard(load_causal_lm(paths.reference, trust).eval(), "generate")
+    reward_model = accelerator.shard(ScalarHeadModel.load(paths.reward, trust).eval(), "score")
     gold = gold_reward_fn(params)
 
     policy_samples = sample_and_score(policy, reference, reward_model, tokenizer, prompts,
@@ -180,6 +190,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         "n_samples": params.eval.n_samples,
         "kl_budget": params.eval.kl_budget,
         "world_size": accelerator.num_processes,
+        "sharding": accelerator.sharding,
     }
     report["kl_within_budget"] = report["policy"]["kl"] <= params.eval.kl_budget
     # Judged by the reward model: the only judge there is on data without a gold reward.

@@ -442,7 +442,7 @@ def load_models(params: Params, paths: Paths):
     tokenizer = load_tokenizer(paths.sft, trust)
     if cfg.lora:
         return (tokenizer, *load_lora_models(params, paths), reference_hash)
-    policy = lora.prepare_for_training(load_causal_lm(paths.sft, trust), cfg)
+    policy = load_policy(params, paths)
     reference = load_causal_lm(paths.reference, trust).eval().requires_grad_(False)
     reward_model = (ScalarHeadModel.load(paths.reward, trust).eval().requires_grad_(False)
                     if params.ppo.reward == "model" else None)
@@ -450,11 +450,35 @@ def load_models(params: Params, paths: Paths):
                    if value_from_reward_model(params) else None)
     if value_model is not None:
         lora.prepare_for_training(value_model.trunk, cfg)
-    for module in (policy, reference, reward_model, value_model):
+    for module in (reference, reward_model, value_model):
         if module is not None:
             lora.disable_dropout(module)
     return (tokenizer, PolicyAndValue(policy, value_model, params.ppo.critic), reference,
             reward_model, reference_hash)
+
+
+def load_policy(params: Params, paths: Paths) -> nn.Module:
+    """The policy as PPO starts it, dropout off: the SFT model, or with LoRA adapters on the
+    reference's (sha256-verified) weights."""
+    trust, cfg = params.model.trust_remote_code, params.model
+    if cfg.lora:
+        base = lora.prepare_for_training(load_causal_lm(paths.reference, trust), cfg)
+        return lora.disable_dropout(lora.add_adapters(base, cfg, "CAUSAL_LM"))
+    return lora.disable_dropout(lora.prepare_for_training(load_causal_lm(paths.sft, trust), cfg))
+
+
+def shard_models(accelerator, model: PolicyAndValue, reference, reward_model) -> None:
+    """Each model PPO calls directly sharded on its own (`Engine.shard`), or moved to the
+    device: the policy (which also generates), the value model or head, the frozen reference
+    (with LoRA: the policy itself) and the reward model."""
+    accelerator.shard(model.policy, "generate")
+    for part in (model.value_model, getattr(model, "value_head", None)):
+        if part is not None:
+            accelerator.shard(part)
+    if not isinstance(reference, AdaptersDisabled):
+        accelerator.shard(reference)
+    if reward_model is not None:
+        accelerator.shard(reward_model, "score")
 
 
 def value_from_reward_model(params: Params) -> bool:
@@ -471,8 +495,7 @@ def load_lora_models(params: Params, paths: Paths):
     reference is the policy with its adapters off; a value model copied from the reward
     model is adapters on the reward model, whose score is its trunk with the adapters off."""
     trust, cfg = params.model.trust_remote_code, params.model
-    base = lora.prepare_for_training(load_causal_lm(paths.reference, trust), cfg)
-    policy = lora.disable_dropout(lora.add_adapters(base, cfg, "CAUSAL_LM"))
+    policy = load_policy(params, paths)
     reference = AdaptersDisabled(policy)
     scored_by_model = params.ppo.reward == "model"
     if value_from_reward_model(params):
@@ -514,16 +537,14 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     dist.check_batches("ppo", params, accelerator.num_processes)
     device = accelerator.device
     tokenizer, model, reference, reward_model, reference_hash = load_models(params, paths)
-    reference.to(device)  # with LoRA: the policy itself, which `prepare` moves
-    if reward_model is not None:
-        reward_model.to(device)
+    shard_models(accelerator, model, reference, reward_model)
     reward = RewardSource(cfg.reward, reward_model, text_scorer(params, paths))
     gold = gold_reward_fn(params)
 
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5,
                       weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, cfg.steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = accelerator.prepare_training(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
     kl_ctl = (rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
               if cfg.adaptive_kl else rl.FixedKLController(cfg.kl_coef))
@@ -582,12 +603,13 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                     "reference_sha256": reference_hash})
 
     metrics = {**summarise(history), "ppo/world_size": float(accelerator.num_processes)}
+    policy = accelerator.whole(unwrapped.policy, lambda: load_policy(params, paths))
     if accelerator.is_main_process:
         with atomic_dir(paths.policy) as out:
-            lora.restore_config(lora.merged(unwrapped.policy)).save_pretrained(out)
+            lora.restore_config(lora.merged(policy)).save_pretrained(out)
             tokenizer.save_pretrained(out)
         write_history(paths.metrics / "ppo_history.csv", history)
-        write_json(paths.metrics_file("ppo"), metrics)
+        write_json(paths.metrics_file("ppo"), {**metrics, "ppo/sharding": accelerator.sharding})
     checkpoints.finish(accelerator)
     logger.log_metrics({f"ppo_final/{k.replace('/', '_')}": v for k, v in metrics.items()})
     return metrics

@@ -116,10 +116,15 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     accelerator = make_accelerator(params.train, seed_offset=1)
     dist.check_batches("reward", params, accelerator.num_processes)
     tokenizer = load_tokenizer(paths.sft, trust)
-    model = ScalarHeadModel.from_causal_lm(paths.sft, trust)
-    lora.prepare_for_training(model.trunk, params.model)
-    if params.model.lora:
-        model.trunk = lora.add_adapters(model.trunk, params.model)
+
+    def build() -> ScalarHeadModel:
+        model = ScalarHeadModel.from_causal_lm(paths.sft, trust)
+        lora.prepare_for_training(model.trunk, params.model)
+        if params.model.lora:
+            model.trunk = lora.add_adapters(model.trunk, params.model)
+        return model
+
+    model = accelerator.shard(build())
 
     shuffler = torch.Generator().manual_seed(params.train.seed)
     # Not prepared by Accelerate: every rank reads the same global batches of pairs and
@@ -127,7 +132,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     loader = DataLoader(encode_pairs(tokenizer, train_rows), batch_size=cfg.batch_size,
                         shuffle=True, drop_last=True, collate_fn=list, generator=shuffler)
     optimizer, scheduler, total_steps = adamw_with_cosine_schedule(model, cfg, len(loader))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = accelerator.prepare_training(model, optimizer, scheduler)
 
     # Resume from the newest checkpoint of an interrupted run with the same params and inputs.
     checkpoints = ckpt.Checkpoints(
@@ -146,7 +151,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
             "reward/accuracy_train": sum(h[1] for h in recent) / len(recent)},
         log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, history_key="history")
 
-    model = accelerator.unwrap_model(model).merge_adapters().eval()
+    model = accelerator.whole(model, build).merge_adapters().eval()
     lora.restore_config(model.trunk)
     device = accelerator.device
     margins = score_pairs(model, encode_pairs(tokenizer, eval_rows), tokenizer.pad_token_id, device)
@@ -172,7 +177,8 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         with atomic_dir(paths.reward) as out:
             model.save(out, tokenizer)  # a standard seq-cls checkpoint and its tokenizer
             write_record(out, HASH_FILE)
-        write_json(paths.metrics_file("reward"), metrics)
+        write_json(paths.metrics_file("reward"),
+                   {**metrics, "reward/sharding": accelerator.sharding})
     checkpoints.finish(accelerator)
     logger.log_metrics(metrics)
     return metrics

@@ -80,11 +80,13 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
     accelerator.wait_for_everyone()
     # model.revision pins a hub base model (a local folder, models/base included, ignores it).
     tokenizer = load_tokenizer(base, params.model.trust_remote_code, params.model.revision)
-    model = lora.prepare_for_training(load_causal_lm(base, params.model.trust_remote_code,
-                                                     params.model.revision),
-                                      params.model)
-    if params.model.lora:
-        model = lora.add_adapters(model, params.model, "CAUSAL_LM")
+
+    def build() -> torch.nn.Module:
+        model = lora.prepare_for_training(load_causal_lm(base, params.model.trust_remote_code,
+                                                         params.model.revision), params.model)
+        return lora.add_adapters(model, params.model, "CAUSAL_LM") if params.model.lora else model
+
+    model = accelerator.shard(build())
 
     examples = [encode_sft(tokenizer, row["prompt"], row["completion"]) for row in rows]
     # Not prepared by Accelerate: every rank reads the same global batches and takes its shard.
@@ -92,7 +94,7 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
                         collate_fn=partial(collate_sft, pad_token_id=tokenizer.pad_token_id),
                         generator=torch.Generator().manual_seed(params.train.seed))
     optimizer, scheduler, total_steps = adamw_with_cosine_schedule(model, cfg, len(loader))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = accelerator.prepare_training(model, optimizer, scheduler)
 
     # Resume from the newest checkpoint of an interrupted run with the same params and inputs.
     checkpoints = ckpt.Checkpoints(
@@ -115,12 +117,12 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
         "sft/seconds": seconds,
         "sft/world_size": float(accelerator.num_processes),
     }
+    trained = accelerator.whole(model, build)
     if accelerator.is_main_process:
         with atomic_dir(paths.sft) as out:
-            trained = lora.restore_config(lora.merged(accelerator.unwrap_model(model)))
-            trained.save_pretrained(out)
+            lora.restore_config(lora.merged(trained)).save_pretrained(out)
             tokenizer.save_pretrained(out)
-        write_json(paths.metrics_file("sft"), metrics)
+        write_json(paths.metrics_file("sft"), {**metrics, "sft/sharding": accelerator.sharding})
     checkpoints.finish(accelerator)
     logger.log_metrics(metrics)
     return metrics
