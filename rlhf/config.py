@@ -236,7 +236,7 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     """Micro-batches each process splits its shard of a batch into, accumulating gradients: the global batch stays the stage's batch_size, memory per step shrinks."""
     accelerate_config: Optional[str] = Field(None, min_length=1)
-    """An Accelerate config file for launched stages (configs/accelerate/: DDP, FSDP, DeepSpeed ZeRO-2/3); null launches plain DDP with train.num_processes."""
+    """An Accelerate config file for launched stages (configs/accelerate/: DDP, DeepSpeed ZeRO-2/3); null launches plain DDP with train.num_processes (sharding is train.sharding)."""
     sharding: Literal["none", "fsdp"] = "none"
     """fsdp: split every model's weights (and a trained one's gradients and optimizer state) over the processes with PyTorch's FSDP2, on CPU and GPU alike; none: whole models on every process (DDP)."""
 

@@ -158,13 +158,18 @@ def make_accelerator(cfg: TrainConfig, seed_offset: int = 0) -> Engine:
 
 
 def check_engine_runs(asked: str, runs: str) -> None:
-    """A sharded engine (FSDP, DeepSpeed) that would not be the one running is an error:
-    without GPUs Accelerate ignores it and runs DDP, every model whole on every process."""
-    if asked in ("FSDP", "DEEPSPEED") and runs != asked:
+    """An Accelerate config asking for FSDP is an error: Accelerate would run it on GPUs only
+    (without them DDP, every model whole on every process), and never shards the frozen
+    models; `train.sharding=fsdp` shards them all, anywhere. DeepSpeed runs on GPUs only."""
+    if asked == "FSDP":
         raise ParamsError(
-            f"the Accelerate config asks for {asked}, which Accelerate runs on GPUs only; here "
+            "the Accelerate config asks for FSDP, which rlhf does itself: set "
+            "train.sharding=fsdp (FSDP2 on CPU and GPUs alike) and drop the FSDP config")
+    if asked == "DEEPSPEED" and runs != asked:
+        raise ParamsError(
+            f"the Accelerate config asks for DeepSpeed, which Accelerate runs on GPUs only; here "
             f"it would run {runs} instead, every model whole on every process: run on GPUs, "
-            "or drop train.accelerate_config for DDP")
+            "use train.sharding=fsdp, or drop train.accelerate_config for DDP")
 
 
 def adamw(params, **kwargs) -> torch.optim.AdamW:

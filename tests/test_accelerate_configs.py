@@ -30,7 +30,6 @@ INSTALL = REPO / "scripts" / "install.sh"
 # file -> (distributed_type, mixed_precision, zero_stage or None)
 EXPECTED = {
     "ddp.yaml": ("MULTI_GPU", "bf16", None),
-    "fsdp.yaml": ("FSDP", "bf16", None),
     "deepspeed_zero2.yaml": ("DEEPSPEED", "bf16", 2),
     "deepspeed_zero3.yaml": ("DEEPSPEED", "bf16", 3),
     # MULTI_GPU is what makes `accelerate launch` start the processes; the stages' CPU

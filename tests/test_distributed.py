@@ -186,9 +186,12 @@ def test_a_killed_two_process_run_resumes_on_one_or_two(trained_upstream, tmp_pa
     (["train.num_processes=2", "ppo.batch_size=18"],
      "ppo.batch_size=18 does not split evenly into train.num_processes (2)"),
     # Without GPUs Accelerate would ignore the config and run DDP.
-    (["train.num_processes=2", f"train.accelerate_config={REPO / 'configs/accelerate/fsdp.yaml'}"],
-     "the Accelerate config asks for FSDP, which Accelerate runs on GPUs only; here it would "
-     "run MULTI_CPU instead"),
+    (["train.num_processes=2",
+      f"train.accelerate_config={REPO / 'configs/accelerate/deepspeed_zero3.yaml'}"],
+     "asks for DeepSpeed, which Accelerate runs on GPUs only; here it would run MULTI_CPU"),
+    (["train.num_processes=2", "train.sharding=fsdp",
+      f"train.accelerate_config={REPO / 'configs/accelerate/deepspeed_zero2.yaml'}"],
+     "train.sharding=fsdp and DeepSpeed"),
 ])
 def test_bad_launches_stop_with_one_line(overrides, expected, trained_upstream, tmp_path):
     root = project(trained_upstream, tmp_path / "p")
@@ -218,14 +221,21 @@ def test_deepspeed_without_its_package_names_the_extra(trained_upstream, tmp_pat
     assert "pip install -e '.[deepspeed]'" in result.stderr
 
 
-def test_fsdp_that_accelerate_would_not_run_is_refused_in_the_rank(monkeypatch):
-    """`accelerate launch --config_file configs/accelerate/fsdp.yaml` straight, without GPUs:
-    the ranks are told to use FSDP, which Accelerate would ignore here."""
-    from rlhf.config import TrainConfig
+def test_accelerates_fsdp_is_refused_for_train_sharding(monkeypatch, tmp_path):
+    """An Accelerate FSDP config, through rlhf (before launch) or `accelerate launch` straight
+    (in the ranks): Accelerate would run DDP without GPUs, and leave the frozen models whole
+    with them. One line names train.sharding=fsdp instead."""
+    from rlhf.config import TrainConfig, load_params
     from rlhf.engine import make_accelerator
     from rlhf.errors import ParamsError
+    from rlhf.mlops.launch import check_launchable
 
+    expected = "asks for FSDP, which rlhf does itself: set train.sharding=fsdp"
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("distributed_type: FSDP\nnum_processes: 2\n")
+    with pytest.raises(ParamsError, match=expected):
+        check_launchable(load_params(REPO / "params.yaml", [
+            "train.num_processes=2", f"train.accelerate_config={config}"]))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ParamsError, match="asks for FSDP, which Accelerate runs on GPUs only; "
-                                          "here it would run NO instead"):
+    with pytest.raises(ParamsError, match=expected):
         make_accelerator(TrainConfig(cpu=True))

@@ -74,8 +74,8 @@ def wants_launch(stage: str, params: Params) -> bool:
 
 def check_launchable(params: Params) -> None:
     """One line for a launch this machine cannot do: more processes than CPUs (or GPUs), an
-    Accelerate config file that is missing, DeepSpeed without its package, or a sharded
-    engine (FSDP, DeepSpeed) without GPUs."""
+    Accelerate config file that is missing, DeepSpeed without its package or GPUs or with
+    train.sharding, or Accelerate's FSDP (rlhf's is train.sharding)."""
     import torch
 
     from rlhf.engine import check_engine_runs
@@ -100,6 +100,10 @@ def check_launchable(params: Params) -> None:
         raise ParamsError(f"train.accelerate_config={config!r} is not readable YAML ({exc})")
     asked = str(settings.get("distributed_type", "")).upper()
     deepspeed = asked == "DEEPSPEED"
+    if deepspeed and params.train.sharding == "fsdp":
+        raise ParamsError(f"train.sharding=fsdp and DeepSpeed ({config}) would both shard the "
+                          "models; use one: drop train.accelerate_config or set "
+                          "train.sharding=none")
     if deepspeed and params.train.grad_accum > 1:
         # The stages accumulate micro-batches under `no_sync`, which leaves Accelerate's
         # sync_gradients True with DeepSpeed: its backward would step after each micro-batch.

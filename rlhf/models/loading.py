@@ -242,7 +242,8 @@ class ScalarHeadModel(nn.Module):
         copy, `BaseScorer`)."""
         head = head if head is not None else self.head
         hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
-        return head(hidden.to(head.weight.dtype)).squeeze(-1)  # (B, T)
+        # A copy, not a view: FSDP's backward hook on a module's output is lost on a view.
+        return head(hidden.to(head.weight.dtype)).squeeze(-1).clone()  # (B, T)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         values = self(input_ids, attention_mask)  # (B, T)
