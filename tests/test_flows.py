@@ -374,19 +374,22 @@ def progress_lines(flow_run_id: str, stage: str, timeout: float = 20.0) -> list[
 @pytest.mark.slow
 def test_multi_process_stages_run_launched_under_the_flow(tmp_path, prefect_harness,
                                                           mlflow_store):
-    """train.num_processes=2: each training stage and evaluate runs as its own launched
-    process group from its task; rank 0 logs to the task's MLflow stage run, the group's
-    progress reaches the task's Prefect logs, and DVC skips the stages on a second run."""
+    """train.num_processes=2 with train.sharding=fsdp: each training stage and evaluate runs
+    as its own launched process group from its task, every model sharded over the two; rank 0
+    logs to the task's MLflow stage run, the group's progress reaches the task's Prefect logs,
+    the registered policy is whole, and DVC skips the stages on a second run. (Two processes
+    without sharding, DDP, are the same launch: tests/test_distributed.py.)"""
     root = tmp_path / "two"
     root.mkdir()
     clone_project(root)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    summary = run_flow(root, ["train.num_processes=2"])
+    summary = run_flow(root, ["train.num_processes=2", "train.sharding=fsdp"])
     assert summary["stages"] == {stage: "Completed" for stage in STAGES}
     for stage in ("sft", "reward", "ppo"):
         report = json.loads((root / "metrics" / f"{stage}.json").read_text())
-        assert report[f"{stage}/world_size"] == 2.0
-    assert json.loads((root / "metrics" / "eval.json").read_text())["world_size"] == 2
+        assert (report[f"{stage}/world_size"], report[f"{stage}/sharding"]) == (2.0, "fsdp")
+    evaluation = json.loads((root / "metrics" / "eval.json").read_text())
+    assert (evaluation["world_size"], evaluation["sharding"]) == (2, "fsdp")
     assert progress_lines(summary["prefect_flow_run_id"], "ppo")
     # The ppo stage run holds every PPO step, logged by rank 0, nested under the parent.
     client = MlflowClient()
