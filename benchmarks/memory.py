@@ -12,8 +12,9 @@ ways, each in fresh processes:
   gradients and optimizer state, split over the ranks).
 
 Per rank it prints two figures:
-- `state MB`: the bytes this rank holds of weights (all four models), gradients and AdamW
-  state, counted tensor by tensor (a sharded tensor counts its local shard);
+- `state MB`: the bytes this rank holds after the iteration of weights (all four models) and
+  AdamW state (the gradients are freed at each step), counted tensor by tensor (a sharded
+  tensor counts its local shard);
 - `peak MB`: the peak memory the rank reached, above what it held before loading the models:
   on a GPU torch's peak allocation, on CPU the peak RSS (VmHWM) less the RSS before loading
   (with glibc's malloc set to return freed tensors to the system: `CHILD_ENV`).
