@@ -185,10 +185,6 @@ def test_a_killed_two_process_run_resumes_on_one_or_two(trained_upstream, tmp_pa
      "train.grad_accum=2 with DeepSpeed"),
     (["train.num_processes=2", "ppo.batch_size=18"],
      "ppo.batch_size=18 does not split evenly into train.num_processes (2)"),
-    # Without GPUs Accelerate would ignore the config and run DDP.
-    (["train.num_processes=2",
-      f"train.accelerate_config={REPO / 'configs/accelerate/deepspeed_zero3.yaml'}"],
-     "asks for DeepSpeed, which Accelerate runs on GPUs only; here it would run MULTI_CPU"),
     (["train.num_processes=2", "train.sharding=fsdp",
       f"train.accelerate_config={REPO / 'configs/accelerate/deepspeed_zero2.yaml'}"],
      "train.sharding=fsdp and DeepSpeed"),
