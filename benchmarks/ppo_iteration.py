@@ -41,7 +41,7 @@ from rlhf.engine import make_accelerator
 from rlhf.io import read_jsonl
 from rlhf.models.loading import AdaptersDisabled, BaseScorer
 from rlhf.paths import Paths
-from rlhf.stages.ppo import RewardSource, load_models, ppo_iteration
+from rlhf.stages.ppo import RewardSource, load_models, ppo_iteration, shard_models
 
 
 def synchronise(device: torch.device) -> None:
@@ -94,11 +94,10 @@ def main() -> None:
     accelerator = make_accelerator(params.train, seed_offset=2)
     device = accelerator.device
     tokenizer, model, reference, reward_model, _ = load_models(params, paths)
+    shard_models(accelerator, model, reference, reward_model)  # as ppo.run places them
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, eps=1e-5)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, _ = accelerator.prepare_training(model, optimizer, None)
     unwrapped = accelerator.unwrap_model(model)
-    reference.to(device)
-    reward_model.to(device)
     prompts = [r["prompt"] for r in read_jsonl(paths.prepared / "rl_prompts.jsonl")]
     batch_prompts = prompts[:cfg.batch_size]
     shuffle = torch.Generator().manual_seed(0)

@@ -46,7 +46,7 @@ from rlhf.data import builtin_sort
 from rlhf.engine import make_accelerator
 from rlhf.models.builtin import EOS, PAD, UNK
 from rlhf.models.loading import ScalarHeadModel
-from rlhf.stages.ppo import PolicyAndValue, RewardSource, ppo_iteration
+from rlhf.stages.ppo import PolicyAndValue, RewardSource, ppo_iteration, shard_models
 
 REPO = Path(__file__).resolve().parent.parent
 LEAN = ["ppo.ppo_epochs=1", "ppo.num_minibatches=1", "ppo.value_model=policy_head"]
@@ -96,11 +96,10 @@ def build_point(point: Point, params_file: Path, overrides: list[str], accelerat
     value_model = (copy.deepcopy(reward_model).train().requires_grad_(True)
                    if cfg.value_model == "reward" else None)
     model = PolicyAndValue(policy, value_model)
+    shard_models(accelerator, model, reference, reward_model)  # as ppo.run places them
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.lr, eps=1e-5, weight_decay=0.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    reference.to(accelerator.device)
-    reward_model.to(accelerator.device)
+    model, optimizer, _ = accelerator.prepare_training(model, optimizer, None)
     kl_ctl = rl.FixedKLController(cfg.kl_coef)
     shuffle = torch.Generator().manual_seed(0)
     lengths: list[float] = []

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = ("vs_trl.py", "ppo_iteration.py", "scaling.py", "algorithms.py")
+SCRIPTS = ("vs_trl.py", "ppo_iteration.py", "scaling.py", "algorithms.py", "memory.py",
+           "gpu_iteration.py")
 
 
 def test_every_benchmark_answers_help():
