@@ -240,6 +240,14 @@ class TrainConfig(Section):
     sharding: Literal["none", "fsdp"] = "none"
     """fsdp: split every model's weights (and a trained one's gradients and optimizer state) over the processes with PyTorch's FSDP2, on CPU and GPU alike; none: whole models on every process (DDP)."""
 
+    @model_validator(mode="after")
+    def _sharding_precision(self) -> "TrainConfig":
+        # fp16's loss scaling lives in Accelerate's prepared optimizer, which sharding bypasses.
+        if self.sharding == "fsdp" and self.precision == "fp16":
+            raise ValueError("train.precision=fp16 does not work with train.sharding=fsdp "
+                             "(no loss scaling); use train.precision=bf16")
+        return self
+
 
 class SFTConfig(Section):
     epochs: float = Field(10.0, gt=0)

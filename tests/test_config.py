@@ -40,6 +40,7 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
                             "model.name_or_path=builtin set it to null"),
     ("data.revision=main", "data.revision applies to external data only"),
     ("model.n_head=3", "model.n_head (3) must divide model.n_embd (128)"),
+    ("train.sharding=zero", "'none' or 'fsdp'"),
     ("novalue", "section.key=value"),
 ])
 def test_bad_params_name_key_value_and_fix(override, expected):
@@ -48,6 +49,12 @@ def test_bad_params_name_key_value_and_fix(override, expected):
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+def test_fp16_is_refused_with_sharding():
+    """Sharded models skip Accelerate's prepared optimizer, where fp16's loss scaling lives."""
+    with pytest.raises(ParamsError, match="fp16 does not work with train.sharding=fsdp"):
+        load_params("params.yaml", ["train.sharding=fsdp", "train.precision=fp16"])
 
 
 def test_missing_and_malformed_params_file(tmp_path):
