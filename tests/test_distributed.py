@@ -152,11 +152,13 @@ def _approx_tree(ours, theirs) -> bool:
 
 
 @pytest.mark.slow
-def test_a_killed_two_process_run_resumes_on_one_or_two(trained_upstream, tmp_path):
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_a_killed_two_process_run_resumes_on_one_or_two(sharding, trained_upstream, tmp_path):
     """kill -9 of the launched group between checkpoints, which every rank wrote; the rerun
     resumes from that checkpoint, on two processes or on one (the division of work does not
-    shape the run), and ends where an uninterrupted one-process run ends."""
-    extra = ["ppo.steps=6", "ppo.checkpoint_every=2"]
+    shape the run; a sharded checkpoint holds the whole state), and ends where an
+    uninterrupted one-process run ends."""
+    extra = ["ppo.steps=6", "ppo.checkpoint_every=2", f"train.sharding={sharding}"]
     whole = project(trained_upstream, tmp_path / "whole", extra)
     run_here(whole, "ppo")
     for world in (2, 1):

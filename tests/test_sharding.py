@@ -1,7 +1,8 @@
 """FSDP2 sharding (`train.sharding=fsdp`) on 2 CPU processes (gloo): every model split over the
 processes computes what one process computes with whole models, for sft, reward, ppo (ptx,
 LoRA, both kinds of value model) and evaluate; checkpoints hold the whole state, gathered from
-every process, and resume on 2 processes or 1; the saved models are whole Hugging Face models.
+every process, and resume on 2 processes or 1 (the kill -9 test of test_distributed, run
+sharded too); the saved models are whole Hugging Face models.
 
 The same code runs on NCCL over GPUs: nothing here is CPU-specific but the launcher's choice of
 backend. Tolerances as in test_distributed (the same float-summation-order argument).
@@ -18,7 +19,6 @@ from rlhf.models.loading import ScalarHeadModel, load_causal_lm
 
 from .test_distributed import (EXTRA, TWO, _approx_tree, assert_close, launch, metrics, per_step,
                                project, run_here)
-from .test_resume import kill_after_first_checkpoint, rlhf_stage
 
 FSDP = [*TWO, "train.sharding=fsdp"]
 
@@ -101,23 +101,3 @@ def test_sharded_evaluation_equals_one_process(trained_upstream, tmp_path):
     assert (ours.pop("sharding"), theirs.pop("sharding")) == ("fsdp", "none")
     assert (ours.pop("world_size"), theirs.pop("world_size")) == (2, 1)
     assert _approx_tree(ours, theirs)
-
-
-@pytest.mark.slow
-def test_a_killed_sharded_run_resumes_on_two_or_one(trained_upstream, tmp_path):
-    """kill -9 of a 2-process FSDP PPO between checkpoints; the rerun resumes on 2 processes or
-    on 1 (the checkpoint holds the whole state) and ends where an uninterrupted run ends."""
-    extra = ["ppo.steps=6", "ppo.checkpoint_every=2", "train.sharding=fsdp"]
-    whole = project(trained_upstream, tmp_path / "whole", extra)
-    run_here(whole, "ppo")
-    for world in (2, 1):
-        killed = project(trained_upstream, tmp_path / f"killed-{world}", extra)
-        step = kill_after_first_checkpoint(
-            rlhf_stage(killed, "ppo", "--no-track", "--set", "train.num_processes=2"),
-            killed, "ppo")
-        assert 0 < step < 6
-        result = launch(killed, "ppo", f"train.num_processes={world}")
-        assert "resuming" in result.stdout + result.stderr
-        final = ckpt.read_state(ckpt.checkpoint_dirs(killed / "checkpoints" / "ppo")[-1])
-        assert final["complete"] and final["resumed_from"] == step
-        assert_close(per_step(killed, "ppo"), per_step(whole, "ppo"))
