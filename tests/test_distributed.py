@@ -140,6 +140,7 @@ def test_sharded_evaluation_equals_one_process(trained_upstream, tmp_path):
     launch(two, "evaluate", *TWO)
     ours, theirs = metrics(two, "eval"), metrics(one, "eval")
     assert (ours.pop("world_size"), theirs.pop("world_size")) == (2, 1)
+    assert ours.pop("sharding") == theirs.pop("sharding") == "none"
     assert _approx_tree(ours, theirs)
 
 
