@@ -4,7 +4,9 @@ A checkpoint is one directory, `checkpoints/<stage>/step-00000013/`, written ato
 (a kill -9 mid-write leaves the previous checkpoints as they were):
 
 - Accelerate's state: weights (safetensors), optimizer and scheduler, and the Python, numpy
-  and torch RNG states (Accelerate loads them back with torch's weights-only unpickler);
+  and torch RNG states (Accelerate loads them back with torch's weights-only unpickler); with
+  `train.sharding=fsdp`, the weights, optimizer and scheduler gathered whole from every
+  process instead (`rlhf.engine.Engine.save_state`), which resume on any number of them;
 - `trainer_state.json`: the step, the stage's own state (data position, the states of its
   private `torch.Generator`s, the KL controller, the history so far), the fingerprint of
   what made it, and the tracking run id, so a resumed stage continues the same MLflow run.

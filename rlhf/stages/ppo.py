@@ -22,6 +22,9 @@ depend on the world size), the shards are gathered so every rank holds the whole
 steps 3-4, and each rank takes its shard of every PPO minibatch (split into
 `train.grad_accum` micro-batches), its losses weighted by its share of the minibatch's
 tokens: the all-reduced gradient is the one a single process computes (`rlhf.distributed`).
+With `train.sharding=fsdp` every model is also split over the processes (`rlhf.engine`): each
+one PPO calls directly is a unit of its own (`shard_models`), and the policy samples from its
+sharded weights.
 
 Writes `models/policy/`, `metrics/ppo.json`, `metrics/ppo_history.csv` (one row per step,
 for plots), and every `ppo.checkpoint_every` steps a checkpoint under `checkpoints/ppo/` from
