@@ -81,16 +81,22 @@ class Engine(Accelerator):
         self._sharded = (model, optimizer, scheduler)
         return model, optimizer, scheduler
 
-    def whole(self, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
-        """`model` with all its weights on every process, to evaluate and save: itself where
-        nothing is split, else a fresh `build()` (the model as it was before training) loaded
-        with the weights gathered from every process (a collective)."""
+    def whole(self, model: nn.Module, build: Callable[[], nn.Module],
+              everywhere: bool = False) -> Optional[nn.Module]:
+        """`model` with all its weights, to save (on the main process, None elsewhere) or,
+        `everywhere`, to evaluate (on every process, on its device): itself where nothing is
+        split, else a fresh `build()` (the model as built before training) loaded with the
+        weights gathered from every process (a collective). To save, the gathered weights stay
+        in the main process's CPU memory, so no GPU holds a whole model beside its shards."""
         if not self.splits_weights:
             return self.unwrap_model(model)
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        state = get_model_state_dict(model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=not everywhere))
+        if not (everywhere or self.is_main_process):
+            return None
         fresh = build()
         fresh.load_state_dict({k: v.cpu() for k, v in state.items()})
-        return fresh.to(self.device)
+        return fresh.to(self.device) if everywhere else fresh
 
     def save_state(self, output_dir: str, **kwargs: Any):
         out = super().save_state(output_dir, **kwargs)

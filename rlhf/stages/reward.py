@@ -151,7 +151,8 @@ def run(params: Params, paths: Paths, logger: MetricsLogger = NullLogger()) -> d
             "reward/accuracy_train": sum(h[1] for h in recent) / len(recent)},
         log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, history_key="history")
 
-    model = accelerator.whole(model, build).merge_adapters().eval()
+    # Every process scores the evaluation pairs and the normalisation samples whole.
+    model = accelerator.whole(model, build, everywhere=True).merge_adapters().eval()
     lora.restore_config(model.trunk)
     device = accelerator.device
     margins = score_pairs(model, encode_pairs(tokenizer, eval_rows), tokenizer.pad_token_id, device)
