@@ -3,9 +3,10 @@ update phase, peak GPU memory.
 
 Builds a project whose builtin model is a GPT-2 of the given size (made locally, no download;
 a step of sft and of reward, as `benchmarks/memory.py` does), then times
-`rlhf.stages.ppo.ppo_iteration` (the stage's own code) in bf16 after a warm-up iteration, and
-its rollout (`collect_rollout`: sampling with the KV cache plus the scoring forwards) alone on
-the same prompts. The update phase is the iteration less its rollout. Its MFU counts 6 FLOPs
+`rlhf.stages.ppo.ppo_iteration` (the stage's own code) in bf16, and its rollout
+(`collect_rollout`: sampling with the KV cache plus the scoring forwards) alone on the same
+prompts, the two taking turns (`ppo_iteration.timed_in_turns`: medians after a
+warm-up call each). The update phase is the iteration less its rollout. Its MFU counts 6 FLOPs
 per trained parameter per token (forward and backward) over `ppo_epochs` passes of the
 rollout's tokens, for the policy and the value model, against the GPU's dense bf16 peak
 (`--peak-tflops`, default the H100 SXM's 989).
@@ -18,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ SIZES = {
 
 def main() -> None:
     from memory import SMALL_RUN, build_project
+    from ppo_iteration import timed_in_turns
 
     from rlhf import rl_math as rl
     from rlhf.config import load_params
@@ -68,37 +68,24 @@ def main() -> None:
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     gpu = accelerator.device.type == "cuda"  # on CPU: a dry run of this script
+    last: dict = {}
 
-    def synced(fn):
-        if gpu:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if gpu:
-            torch.cuda.synchronize()
-        return out, time.perf_counter() - start
+    def iteration() -> None:
+        last["batch"], _ = ppo.ppo_iteration(model, reference, reward, tokenizer, optimizer,
+                                             accelerator, cfg, prompts, kl_ctl=kl_ctl,
+                                             minibatch_generator=shuffle, seed=0)
 
-    def iteration():
-        return ppo.ppo_iteration(model, reference, reward, tokenizer, optimizer, accelerator,
-                                 cfg, prompts, kl_ctl=kl_ctl, minibatch_generator=shuffle,
-                                 seed=0)
+    def rollout() -> None:
+        ppo.collect_rollout(accelerator.unwrap_model(model), reference, reward, tokenizer,
+                            prompts, cfg, accelerator.device, accelerator.autocast, seed=0)
 
-    def rollout():
-        return ppo.collect_rollout(accelerator.unwrap_model(model), reference, reward,
-                                   tokenizer, prompts, cfg, accelerator.device,
-                                   accelerator.autocast, seed=0)
-
-    iteration()  # warm-up: kernels, allocator
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    iterations, rollouts = [], []
-    for _ in range(args.repeats):
-        (batch, _), seconds = synced(iteration)
-        iterations.append(seconds)
-        _, seconds = synced(rollout)
-        rollouts.append(seconds)
-    total, sampling = statistics.median(iterations), statistics.median(rollouts)
+    seconds = timed_in_turns({"iteration": iteration, "rollout": rollout}, accelerator.device,
+                             args.repeats)
+    total, sampling = seconds["iteration"], seconds["rollout"]
     update = max(total - sampling, 1e-9)
+    batch = last["batch"]
     tokens = int(batch.attention_mask.sum())  # query and response tokens the updates see
     generated = int(batch.mask.sum())
     figures = {

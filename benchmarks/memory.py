@@ -16,8 +16,9 @@ Per rank it prints two figures:
   AdamW state (the gradients are freed at each step), counted tensor by tensor (a sharded
   tensor counts its local shard);
 - `peak MB`: the peak memory the rank reached, above what it held before loading the models:
-  on a GPU torch's peak allocation, on CPU the peak RSS (VmHWM) less the RSS before loading
-  (with glibc's malloc set to return freed tensors to the system: `CHILD_ENV`).
+  on a GPU torch's peak allocation, on CPU the peak RSS (VmHWM), both as the stages measure
+  them (`rlhf.mlops.resources.measure`), less what the rank held before loading (with
+  glibc's malloc set to return freed tensors to the system: `CHILD_ENV`).
   It includes activations, the KV cache of sampling, and, under FSDP, the units gathered
   whole for their forward and backward (and each model whole while it loads, before it is
   sharded).
@@ -72,13 +73,6 @@ def build_project(root: Path, overrides: list[str]) -> None:
         stages.get(name)(params, Paths(root))
 
 
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def _local_mb(tensors) -> float:
     total = 0
     for tensor in tensors:
@@ -95,31 +89,28 @@ def worker(root: Path, overrides: list[str], out: Path) -> None:
     from rlhf.config import load_params
     from rlhf.engine import adamw, make_accelerator
     from rlhf.io import read_jsonl
+    from rlhf.mlops.resources import measure
     from rlhf.paths import Paths
     from rlhf.stages import ppo
 
     params = load_params(root / "params.yaml", overrides)
     paths = Paths(root)
     accelerator = make_accelerator(params.train, seed_offset=2)
-    gpu = accelerator.device.type == "cuda"
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() / 2 ** 20
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM)
-        before = _rss_mb("VmRSS")
+    with measure() as before:  # an empty block: its peak is what this rank holds now
+        pass
+    with measure() as during:
+        tokenizer, model, reference, reward_model, _ = ppo.load_models(params, paths)
+        ppo.shard_models(accelerator, model, reference, reward_model)
+        optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=params.ppo.lr)
+        model, optimizer, _ = accelerator.prepare_training(model, optimizer, None)
+        prompts = [row["prompt"] for row in read_jsonl(paths.prepared / "rl_prompts.jsonl")]
+        ppo.ppo_iteration(model, reference, ppo.RewardSource("model", reward_model), tokenizer,
+                          optimizer, accelerator, params.ppo, prompts[:params.ppo.batch_size],
+                          kl_ctl=rl.FixedKLController(params.ppo.kl_coef),
+                          minibatch_generator=torch.Generator().manual_seed(0), seed=0)
 
-    tokenizer, model, reference, reward_model, _ = ppo.load_models(params, paths)
-    ppo.shard_models(accelerator, model, reference, reward_model)
-    optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=params.ppo.lr)
-    model, optimizer, _ = accelerator.prepare_training(model, optimizer, None)
-    prompts = [row["prompt"] for row in read_jsonl(paths.prepared / "rl_prompts.jsonl")]
-    ppo.ppo_iteration(model, reference, ppo.RewardSource("model", reward_model), tokenizer,
-                      optimizer, accelerator, params.ppo, prompts[:params.ppo.batch_size],
-                      kl_ctl=rl.FixedKLController(params.ppo.kl_coef),
-                      minibatch_generator=torch.Generator().manual_seed(0), seed=0)
-
-    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if gpu else _rss_mb("VmHWM")) - before
+    key = "peak_gpu_mb" if accelerator.device.type == "cuda" else "peak_rss_mb"
+    peak = during[key] - before[key]
     modules = {id(m): m for m in (model, reference, reward_model) if isinstance(m, torch.nn.Module)}
     weights = {id(p): p for m in modules.values() for p in m.parameters()}
     grads = [p.grad for p in weights.values() if p.grad is not None]

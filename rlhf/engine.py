@@ -94,9 +94,9 @@ class Engine(Accelerator):
             full_state_dict=True, cpu_offload=not everywhere))
         if not (everywhere or self.is_main_process):
             return None
-        fresh = build()
-        fresh.load_state_dict({k: v.cpu() for k, v in state.items()})
-        return fresh.to(self.device) if everywhere else fresh
+        fresh = build().to(self.device) if everywhere else build()
+        fresh.load_state_dict(state)  # copies each tensor to where the fresh model's is
+        return fresh
 
     def save_state(self, output_dir: str, **kwargs: Any):
         out = super().save_state(output_dir, **kwargs)

@@ -80,18 +80,26 @@ def assert_close(ours: dict[str, list[float]], theirs: dict[str, list[float]]) -
         assert ours[key] == pytest.approx(theirs[key], rel=RTOL, abs=ATOL), key
 
 
+def one_and_two(trained_upstream: Path, tmp_path: Path, stage: str, extra: list[str],
+                *launched: str) -> tuple[Path, Path]:
+    """`stage` run in this process and launched on 2 processes (with the `launched`
+    overrides), each in its own project with the `extra` params; their per-step figures must
+    agree. Returns the two projects."""
+    one = project(trained_upstream, tmp_path / "one", extra)
+    run_here(one, stage)
+    two = project(trained_upstream, tmp_path / "two", extra)
+    launch(two, stage, *TWO, *launched)
+    assert_close(per_step(two, stage), per_step(one, stage))
+    return one, two
+
+
 def metrics(root: Path, stage: str) -> dict:
     return json.loads((root / "metrics" / f"{stage}.json").read_text())
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
 def test_two_processes_match_one(stage, trained_upstream, tmp_path):
-    one = project(trained_upstream, tmp_path / "one", EXTRA[stage])
-    run_here(one, stage)
-    two = project(trained_upstream, tmp_path / "two", EXTRA[stage])
-    launch(two, stage, *TWO)
-
-    assert_close(per_step(two, stage), per_step(one, stage))
+    one, two = one_and_two(trained_upstream, tmp_path, stage, EXTRA[stage])
     assert metrics(one, stage)[f"{stage}/world_size"] == 1.0
     assert metrics(two, stage)[f"{stage}/world_size"] == 2.0
     # Rank 0 alone wrote the outputs and checkpoints; the other rank left nothing behind.
@@ -112,23 +120,16 @@ def test_gradient_accumulation_matches_one_batch(trained_upstream, tmp_path):
 def test_two_processes_with_micro_batches_ptx_and_a_policy_value_head(trained_upstream, tmp_path):
     """The other PPO paths: the ptx term (a second forward of the policy), the value head on
     the policy's trunk, and micro-batches on each rank."""
-    extra = EXTRA["ppo"] + ["ppo.ptx_coef=0.5", "ppo.value_model=policy_head"]
-    one = project(trained_upstream, tmp_path / "one", extra)
-    run_here(one, "ppo")
-    two = project(trained_upstream, tmp_path / "two", extra)
-    launch(two, "ppo", *TWO, "train.grad_accum=2")
-    assert_close(per_step(two, "ppo"), per_step(one, "ppo"))
+    one_and_two(trained_upstream, tmp_path, "ppo",
+                EXTRA["ppo"] + ["ppo.ptx_coef=0.5", "ppo.value_model=policy_head"],
+                "train.grad_accum=2")
 
 
 def test_two_processes_match_one_for_a_critic_free_estimator(trained_upstream, tmp_path):
     """GRPO's groups span the gathered batch; its KL term is in the loss, its reward gold."""
-    extra = EXTRA["ppo"] + ["ppo.advantage=grpo", "ppo.num_generations=4", "ppo.reward=gold",
-                            "ppo.kl_penalty=loss", "ppo.kl_estimator=k3"]
-    one = project(trained_upstream, tmp_path / "one", extra)
-    run_here(one, "ppo")
-    two = project(trained_upstream, tmp_path / "two", extra)
-    launch(two, "ppo", *TWO)
-    assert_close(per_step(two, "ppo"), per_step(one, "ppo"))
+    one_and_two(trained_upstream, tmp_path, "ppo",
+                EXTRA["ppo"] + ["ppo.advantage=grpo", "ppo.num_generations=4",
+                                "ppo.reward=gold", "ppo.kl_penalty=loss", "ppo.kl_estimator=k3"])
 
 
 def test_sharded_evaluation_equals_one_process(trained_upstream, tmp_path):

@@ -17,10 +17,10 @@ from rlhf import checkpoints as ckpt
 from rlhf.engine import SHARDED_FILES
 from rlhf.models.loading import ScalarHeadModel, load_causal_lm
 
-from .test_distributed import (EXTRA, TWO, _approx_tree, assert_close, launch, metrics, per_step,
+from .test_distributed import (EXTRA, TWO, _approx_tree, launch, metrics, one_and_two, per_step,
                                project, run_here)
 
-FSDP = [*TWO, "train.sharding=fsdp"]
+FSDP = "train.sharding=fsdp"
 
 
 def assert_same_weights(ours, theirs) -> None:
@@ -37,12 +37,7 @@ def assert_same_weights(ours, theirs) -> None:
 
 @pytest.mark.parametrize("stage", ["sft", "reward"])
 def test_sharded_training_matches_one_process(stage, trained_upstream, tmp_path):
-    one = project(trained_upstream, tmp_path / "one", EXTRA[stage])
-    run_here(one, stage)
-    two = project(trained_upstream, tmp_path / "two", EXTRA[stage])
-    launch(two, stage, *FSDP)
-
-    assert_close(per_step(two, stage), per_step(one, stage))
+    one, two = one_and_two(trained_upstream, tmp_path, stage, EXTRA[stage], FSDP)
     assert metrics(two, stage)[f"{stage}/sharding"] == "fsdp"
     assert metrics(one, stage)[f"{stage}/sharding"] == "none"
     # The checkpoint holds the whole state, gathered from both processes' shards.
@@ -64,13 +59,7 @@ def test_sharded_training_matches_one_process(stage, trained_upstream, tmp_path)
     ["model.lora=true", "model.lora_r=4"],
 ], ids=["ptx-policy-head-micro-batches", "lora"])
 def test_sharded_ppo_matches_one_process(extra, trained_upstream, tmp_path):
-    extra = EXTRA["ppo"] + extra
-    one = project(trained_upstream, tmp_path / "one", extra)
-    run_here(one, "ppo")
-    two = project(trained_upstream, tmp_path / "two", extra)
-    launch(two, "ppo", *FSDP)
-
-    assert_close(per_step(two, "ppo"), per_step(one, "ppo"))
+    one, two = one_and_two(trained_upstream, tmp_path, "ppo", EXTRA["ppo"] + extra, FSDP)
     assert metrics(two, "ppo")["ppo/sharding"] == "fsdp"
     assert_same_weights(load_causal_lm(two / "models" / "policy"),
                         load_causal_lm(one / "models" / "policy"))
@@ -79,7 +68,7 @@ def test_sharded_ppo_matches_one_process(extra, trained_upstream, tmp_path):
 def test_sharded_ppo_in_bf16_trains_and_saves_a_whole_policy(trained_upstream, tmp_path):
     """bf16 autocast over the sharded models (on CPU here; the GPU path is the same code)."""
     root = project(trained_upstream, tmp_path / "bf16", EXTRA["ppo"] + ["train.precision=bf16"])
-    launch(root, "ppo", *FSDP)
+    launch(root, "ppo", *TWO, FSDP)
     history = per_step(root, "ppo")
     assert all(torch.isfinite(torch.tensor(values)).all() for values in history.values())
     assert metrics(root, "ppo")["ppo/sharding"] == "fsdp"
@@ -97,7 +86,7 @@ def test_sharded_evaluation_equals_one_process(trained_upstream, tmp_path):
     run_here(one, "evaluate")
     two = project(trained_upstream, tmp_path / "two", extra)
     (two / "models" / "policy").symlink_to(one / "models" / "policy")
-    launch(two, "evaluate", *FSDP)
+    launch(two, "evaluate", *TWO, FSDP)
     ours, theirs = metrics(two, "eval"), metrics(one, "eval")
     assert (ours.pop("sharding"), theirs.pop("sharding")) == ("fsdp", "none")
     assert (ours.pop("world_size"), theirs.pop("world_size")) == (2, 1)

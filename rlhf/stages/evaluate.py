@@ -67,7 +67,7 @@ def sample_and_score(model, reference, reward_model, tokenizer, prompts: list[st
     # Sharded models run forward as a collective: every process runs as many batches as
     # the one with the most rows, a process out of rows repeating its last one, unrecorded.
     rows = (-(-len(repeated) // accelerator.num_processes)
-            if getattr(accelerator, "splits_weights", False) else len(mine))
+            if accelerator is not None and accelerator.splits_weights else len(mine))
     starts = range(0, rows, cfg.batch_size)
     with progress_bar(f"eval {label}", len(starts)) as bar:
         for start in starts:
