@@ -140,16 +140,15 @@ def _pipeline(params_file: str, overrides: list[str], root: str, track: bool) ->
         with overrides_applied(params_file, overrides) as keep_overrides:
             parent_run = contextlib.nullcontext(NullLogger())
             if track:
-                from rlhf.mlops.mlflow_tracking import (configure, ensure_reachable,
-                                                        pipeline_run, recover)
+                from rlhf.mlops.mlflow_tracking import (configure, ensure_reachable, recover,
+                                                        tracked_run)
 
                 tracking_uri = configure(project)
                 ensure_reachable(tracking_uri)
                 recover(params.registry.experiment, project)
-                parent_run = pipeline_run(
-                    params.registry.experiment, params, project_root=project,
-                    run_name=f"pipeline-{current_flow_run.name}",
-                    tags={"prefect.flow_run_id": current_flow_run.id,
+                parent_run = tracked_run(
+                    f"pipeline-{current_flow_run.name}", params.registry.experiment, params,
+                    project_root=project, tags={"prefect.flow_run_id": current_flow_run.id,
                           "prefect.flow_run_name": current_flow_run.name,
                           "prefect.flow_name": "rlhf-pipeline",
                           "rlhf.overrides": json.dumps([redact_override(o) for o in overrides])})

@@ -9,11 +9,24 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from rlhf.errors import UserError
 
+
+class _UserErrorsInOneLine(TyperGroup):
+    """A user's mistake (`UserError`) from any command: one line on stderr, exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            fail(str(exc))
+
+
 app = typer.Typer(
-    add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+    cls=_UserErrorsInOneLine, add_completion=False, pretty_exceptions_enable=False,
+    no_args_is_help=True,
     help="A reproducible PPO-RLHF pipeline: prepare → sft → reward → reference → ppo → "
          "evaluate → register.")
 err = Console(stderr=True)
@@ -122,14 +135,11 @@ def stage(
     """
     from rlhf.mlops.runner import PARENT_RUN_ENV, run_stage
 
-    try:
-        params = _load(params_file, overrides)
-        if fresh:
-            _delete_checkpoints(root, [name])
-        metrics = run_stage(name, params, root, parent_run_id=os.environ.get(PARENT_RUN_ENV),
-                            track=track and _tracking_available(), on_line=print)
-    except UserError as exc:
-        fail(str(exc))
+    params = _load(params_file, overrides)
+    if fresh:
+        _delete_checkpoints(root, [name])
+    metrics = run_stage(name, params, root, parent_run_id=os.environ.get(PARENT_RUN_ENV),
+                        track=track and _tracking_available(), on_line=print)
     out.print(f"[bold green]{name}[/] done")
     out.print_json(json.dumps(metrics))
 
@@ -170,20 +180,16 @@ def run(
 
     user_errors_in_one_line(caller_prints_error=True)
 
-    try:
-        _load(params_file, overrides)
-        track = track and _tracking_available()
-        if track:
-            _ensure_tracking(root)
-        if fresh:
-            from rlhf.stages import REGISTRY
+    _load(params_file, overrides)
+    track = track and _tracking_available()
+    if track:
+        _ensure_tracking(root)
+    if fresh:
+        from rlhf.stages import REGISTRY
 
-            _delete_checkpoints(root, [name for name, info in REGISTRY.items() if info.retries])
-        with temporary_server(Path(root)):
-            summary = run_pipeline(str(params_file), list(overrides or []), str(root),
-                                   track=track)
-    except UserError as exc:
-        fail(str(exc))
+        _delete_checkpoints(root, [name for name, info in REGISTRY.items() if info.retries])
+    with temporary_server(Path(root)):
+        summary = run_pipeline(str(params_file), list(overrides or []), str(root), track=track)
     print_summary(root, summary)
 
 
@@ -221,12 +227,9 @@ def serve(
     """Serve the pipeline on a schedule (Prefect `flow.serve`); stop with Ctrl-C."""
     from flows.pipeline import serve_pipeline
 
-    try:
-        _load(params_file, overrides)
-        out.print(f"serving [bold]rlhf-pipeline/{name}[/] on cron [bold]{cron}[/]; Ctrl-C stops")
-        serve_pipeline(cron, str(params_file), list(overrides or []), str(root), name=name)
-    except UserError as exc:
-        fail(str(exc))
+    _load(params_file, overrides)
+    out.print(f"serving [bold]rlhf-pipeline/{name}[/] on cron [bold]{cron}[/]; Ctrl-C stops")
+    serve_pipeline(cron, str(params_file), list(overrides or []), str(root), name=name)
 
 
 @app.command()
@@ -242,13 +245,10 @@ def promote(
     from rlhf.mlops.prefect_server import temporary_server
 
     user_errors_in_one_line(caller_prints_error=True)
-    try:
-        _load(params_file, None)
-        _ensure_tracking(root, or_else="")  # the registry is what promote is about
-        with temporary_server(Path(root)):
-            decision = promote_flow(str(params_file), version, str(root))
-    except UserError as exc:
-        fail(str(exc))
+    _load(params_file, None)
+    _ensure_tracking(root, or_else="")  # the registry is what promote is about
+    with temporary_server(Path(root)):
+        decision = promote_flow(str(params_file), version, str(root))
     from rich.markdown import Markdown
 
     from rlhf.mlops.report import promotion_report
@@ -270,10 +270,7 @@ def status(root: Path = RootOption) -> None:
 def show_params(params_file: Path = ParamsOption,
                 overrides: Optional[List[str]] = SetOption) -> None:
     """Print the validated params (defaults filled in) with each field's meaning."""
-    try:
-        params = _load(params_file, overrides)
-    except UserError as exc:
-        fail(str(exc))
+    params = _load(params_file, overrides)
     for section, cfg in params:
         out.print(f"[bold]{section}[/]")
         for key, field in type(cfg).model_fields.items():

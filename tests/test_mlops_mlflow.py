@@ -74,14 +74,15 @@ def test_pipeline_and_stage_runs(store, tmp_path):
     plot.write_text("{}")
 
     def stage(name: str) -> str:  # runs in a worker thread, like a Prefect task
-        with mt.stage_run(name, parent.run_id, tags={"token": SECRET}) as logger:
+        with mt.tracked_run(name, "rlhf-test", parent_run_id=parent.run_id,
+                            tags={"stage": name, "token": SECRET}) as logger:
             assert mlflow.active_run().info.run_id == logger.run_id
             for step in range(3):
                 logger.log_metrics({"objective/kl": 0.1 * step, "loss/value_avg": 1.0}, step)
             return logger.run_id
 
-    with mt.pipeline_run("rlhf-test", params, tags=tags, run_name="pipeline") as parent:
-        with mt.stage_run("sft", parent.run_id) as logger:  # same thread: nested
+    with mt.tracked_run("pipeline", "rlhf-test", params, tags=tags) as parent:
+        with mt.tracked_run("sft", "rlhf-test", parent_run_id=parent.run_id) as logger:  # same thread: nested
             logger.log_metrics({"loss": 2.0}, step=0)
             logger.log_metrics({"loss": 1.5}, step=1)
             logger.log_artifact(plot)
@@ -90,7 +91,7 @@ def test_pipeline_and_stage_runs(store, tmp_path):
         with ThreadPoolExecutor(2) as pool:
             threaded = list(pool.map(stage, ["reward", "ppo"]))
         with pytest.raises(RuntimeError):
-            with mt.stage_run("evaluate", parent.run_id) as logger:
+            with mt.tracked_run("evaluate", "rlhf-test", parent_run_id=parent.run_id) as logger:
                 failed_id = logger.run_id
                 raise RuntimeError("stage crashed")
         assert mlflow.active_run().info.run_id == parent.run_id
@@ -131,7 +132,7 @@ def test_pipeline_and_stage_runs(store, tmp_path):
 
 
 def test_no_git_commit_outside_a_repository(store, tmp_path):
-    with mt.pipeline_run("rlhf-test", Params(), project_root=tmp_path) as parent:
+    with mt.tracked_run("pipeline", "rlhf-test", Params(), project_root=tmp_path) as parent:
         pass
     tags = MlflowClient().get_run(parent.run_id).data.tags
     assert "git.commit" not in tags and tags["params.digest"] == Params().digest()
@@ -145,11 +146,11 @@ def registered(store, tmp_path_factory):
         ModelConfig(n_layer=1, n_embd=16, n_head=2), ALPHABET, tmp_path_factory.mktemp("policy")
     )
     lineage = {"git.commit": "0" * 40, "params.digest": Params().digest(), "db_password": SECRET}
-    with mt.pipeline_run("rlhf-test", Params(), run_name="register-1") as parent:
+    with mt.tracked_run("register-1", "rlhf-test", Params()) as parent:
         v1 = registry.register_policy(
             model_dir, NAME, _eval(0.80, 2.1, True), lineage, run_id=parent.run_id
         )
-    with mt.pipeline_run("rlhf-test", Params(), run_name="register-2") as parent2:
+    with mt.tracked_run("register-2", "rlhf-test", Params()) as parent2:
         result: dict = {}
         thread = threading.Thread(target=lambda: result.update(v=registry.register_policy(
             model_dir, NAME, _eval(0.71, 6.5, False), lineage, run_id=parent2.run_id)))  # fmt: skip

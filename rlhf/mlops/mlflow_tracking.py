@@ -2,12 +2,12 @@
 
 Stages never import this module; the CLI and the Prefect flow do:
 
-    with pipeline_run("rlhf", params, tags={"prefect.flow_run_id": fid}) as parent:
-        with stage_run("ppo", parent.run_id) as logger:
+    with tracked_run("pipeline", "rlhf", params, tags={"prefect.flow_run_id": fid}) as parent:
+        with tracked_run("ppo", "rlhf", parent_run_id=parent.run_id) as logger:
             ppo.run(params, paths, logger=logger)
 
 A stage run may be opened from another thread (a Prefect task runner) while the parent is
-open in the main thread: MLflow's active-run stack is thread-local, so `stage_run` names its
+open in the main thread: MLflow's active-run stack is thread-local, so `tracked_run` names its
 parent explicitly (`parent_run_id=`) and every logger call names its run (`run_id=`) instead
 of relying on "the active run".
 
@@ -229,72 +229,45 @@ def experiment_id(name: str) -> str:
 
 
 @contextlib.contextmanager
-def pipeline_run(
-    experiment: str,
-    params: Params,
-    tags: Mapping[str, Any] | None = None,
-    run_name: str | None = None,
-    project_root: Path | None = None,
+def tracked_run(
+    run_name: str, experiment: str, params: Params | None = None,
+    parent_run_id: str | None = None, resume_run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None, project_root: Path | None = None,
 ) -> Iterator[MLflowLogger]:
-    """The parent run of one pipeline execution; yields a logger bound to it (`.run_id`).
+    """A run of `experiment`, this thread's active run inside the block; yields a logger
+    bound to it (`.run_id`). It ends FINISHED, FAILED if the body raises, KILLED on Ctrl-C.
 
-    Logs the flattened params and tags: `git.commit` (absent outside a git repository),
-    `git.dirty`, `params.digest`, plus `tags` (Prefect flow run id, DVC hashes, ...).
-    The run ends FINISHED, or FAILED if the body raises.
+    - `parent_run_id`: a child of that run (a stage of a pipeline run), from any thread:
+      MLflow's active-run stack is thread-local, so the parent is named by id.
+    - `resume_run_id` (from the checkpoint of an interrupted stage): that run continues,
+      re-parented under `parent_run_id`, so one stage run holds every step.
+    - `params`: logged flattened, with the tags `params.digest`, `git.commit` and `git.dirty`
+      (of the git repository at `project_root`; absent outside one).
+
+    `tags` (Prefect ids, DVC hashes, ...) and the owner tags are set too, redacted.
     """
-    all_tags: dict[str, Any] = {"params.digest": params.digest()}
-    commit = git_commit(project_root)
-    if commit is not None:
-        all_tags["git.commit"] = commit
-        all_tags["mlflow.source.git.commit"] = commit
-        changes = _git(project_root, "status", "--porcelain", "--untracked-files=no")
-        if changes is not None:
-            all_tags["git.dirty"] = str(bool(changes)).lower()
-    all_tags.update(tags or {})
-    all_tags.update(owner_tags())
-    run = mlflow.start_run(
-        experiment_id=experiment_id(experiment),
-        run_name=run_name,
-        nested=mlflow.active_run() is not None,
-        tags=redact(all_tags),
-    )
-    logger = MLflowLogger(run.info.run_id)
-    with _ending(logger):
-        logger.log_params(params.flat())
-        yield logger
-
-
-@contextlib.contextmanager
-def stage_run(
-    stage_name: str, parent_run_id: str | None, tags: Mapping[str, Any] | None = None,
-    resume_run_id: str | None = None,
-) -> Iterator[MLflowLogger]:
-    """A child run of `parent_run_id` for one stage; yields a logger bound to it.
-
-    `resume_run_id` (from the checkpoint of an interrupted stage) continues that run instead
-    of starting one, re-parented under `parent_run_id`, so one stage run holds every step.
-    Works from any thread: with no active run in this thread the child starts as a top-level
-    fluent run whose parent is set by id; if the parent is this thread's active run it starts
-    with `nested=True`. The stage run is this thread's active run inside the block (so
-    `mlflow.*` fluent calls made there land in it) and ends FAILED if the body raises.
-    """
-    client = MlflowClient()
-    active = mlflow.active_run()
-    all_tags = redact({"stage": stage_name, **owner_tags(), **(tags or {})})
+    client, active = MlflowClient(), mlflow.active_run()
+    all_tags: dict[str, Any] = {**(tags or {}), **owner_tags()}
+    if params is not None:
+        all_tags["params.digest"] = params.digest()
+        commit = git_commit(project_root)
+        if commit is not None:
+            all_tags["git.commit"] = all_tags["mlflow.source.git.commit"] = commit
+            changes = _git(project_root, "status", "--porcelain", "--untracked-files=no")
+            if changes is not None:
+                all_tags["git.dirty"] = str(bool(changes)).lower()
+    all_tags = redact(all_tags)
     resumed = existing_run(resume_run_id)
     if resumed is not None:
+        run = mlflow.start_run(run_id=resumed.info.run_id, nested=active is not None)
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = mlflow.start_run(run_id=resumed.info.run_id, nested=active is not None)
     else:
-        parent = client.get_run(parent_run_id) if parent_run_id else None
         run = mlflow.start_run(
-            experiment_id=parent.info.experiment_id if parent else None,
-            run_name=stage_name,
-            parent_run_id=parent_run_id,
-            nested=active is not None,
-            tags=all_tags,
-        )
+            experiment_id=(client.get_run(parent_run_id).info.experiment_id if parent_run_id
+                           else experiment_id(experiment)),
+            run_name=run_name, parent_run_id=parent_run_id, nested=active is not None,
+            tags=all_tags)
     # Resumed: the stage replays the steps after its checkpoint; their values are on the server.
     logged = {m.key: m.step for m in resumed.data.to_proto().metrics} if resumed else None
     logger = MLflowLogger(run.info.run_id, logged=logged)
@@ -302,6 +275,8 @@ def stage_run(
         if resumed is not None:
             # The owner tags now name this process: the run is alive again.
             logger.set_tags({**all_tags, "rlhf.resumed": "true"})
+        elif params is not None:
+            logger.log_params(params.flat())
         yield logger
 
 

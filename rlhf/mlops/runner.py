@@ -50,10 +50,11 @@ def _tracked_run(name: str, params: Params, paths: Paths, parent_run_id: Optiona
     resume = mt.existing_run(os.environ.get(launch.RUN_ID_ENV)
                              or interrupted.get("tracking_run_id"))
     if parent_run_id or resume:
-        return mt.stage_run(name, parent_run_id, tags=tags,
-                            resume_run_id=resume and resume.info.run_id)
-    return mt.pipeline_run(params.registry.experiment, params, tags={"stage": name, **tags},
-                           run_name=f"stage-{name}", project_root=paths.root)
+        return mt.tracked_run(name, params.registry.experiment, parent_run_id=parent_run_id,
+                              resume_run_id=resume and resume.info.run_id,
+                              tags={"stage": name, **tags})
+    return mt.tracked_run(f"stage-{name}", params.registry.experiment, params,
+                          tags={"stage": name, **tags}, project_root=paths.root)
 
 
 def run_stage(name: str, params: Params, root: Path, parent_run_id: Optional[str] = None,
