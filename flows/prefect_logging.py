@@ -41,12 +41,6 @@ class PrefectReportingLogger:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self._inner.log_metrics(metrics, step=step)
-
-    def log_artifact(self, path) -> None:
-        self._inner.log_artifact(path)
-
     def log_table(self, name: str, rows: Sequence[Mapping[str, Any]],
                   step: int | None = None) -> None:
         self._inner.log_table(name, rows, step=step)

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from rlhf.config import load_params
 from rlhf.errors import UserError
 
 
@@ -95,12 +96,6 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _load(params_file: Path, overrides: Optional[List[str]]):
-    from rlhf.config import load_params
-
-    return load_params(params_file, overrides or [])
-
-
 def _ensure_tracking(root: Path, **or_else: str) -> None:
     """Before Prefect starts: an unreachable tracking server is one line, not a hang."""
     from rlhf.mlops import mlflow_tracking as mt
@@ -135,7 +130,7 @@ def stage(
     """
     from rlhf.mlops.runner import PARENT_RUN_ENV, run_stage
 
-    params = _load(params_file, overrides)
+    params = load_params(params_file, overrides or [])
     if fresh:
         _delete_checkpoints(root, [name])
     metrics = run_stage(name, params, root, parent_run_id=os.environ.get(PARENT_RUN_ENV),
@@ -180,7 +175,7 @@ def run(
 
     user_errors_in_one_line(caller_prints_error=True)
 
-    _load(params_file, overrides)
+    load_params(params_file, overrides or [])
     track = track and _tracking_available()
     if track:
         _ensure_tracking(root)
@@ -227,7 +222,7 @@ def serve(
     """Serve the pipeline on a schedule (Prefect `flow.serve`); stop with Ctrl-C."""
     from flows.pipeline import serve_pipeline
 
-    _load(params_file, overrides)
+    load_params(params_file, overrides or [])
     out.print(f"serving [bold]rlhf-pipeline/{name}[/] on cron [bold]{cron}[/]; Ctrl-C stops")
     serve_pipeline(cron, str(params_file), list(overrides or []), str(root), name=name)
 
@@ -245,7 +240,7 @@ def promote(
     from rlhf.mlops.prefect_server import temporary_server
 
     user_errors_in_one_line(caller_prints_error=True)
-    _load(params_file, None)
+    load_params(params_file, [])
     _ensure_tracking(root, or_else="")  # the registry is what promote is about
     with temporary_server(Path(root)):
         decision = promote_flow(str(params_file), version, str(root))
@@ -270,7 +265,7 @@ def status(root: Path = RootOption) -> None:
 def show_params(params_file: Path = ParamsOption,
                 overrides: Optional[List[str]] = SetOption) -> None:
     """Print the validated params (defaults filled in) with each field's meaning."""
-    params = _load(params_file, overrides)
+    params = load_params(params_file, overrides or [])
     for section, cfg in params:
         out.print(f"[bold]{section}[/]")
         for key, field in type(cfg).model_fields.items():

@@ -29,7 +29,6 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_state_dict)
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-from transformers import get_cosine_schedule_with_warmup
 
 from rlhf.config import TrainConfig
 from rlhf.errors import ParamsError
@@ -190,6 +189,9 @@ def adamw_with_cosine_schedule(model: torch.nn.Module, cfg: Any, steps_per_epoch
 
     `cfg` is a stage section with `epochs`, `lr`, `weight_decay` and `warmup_ratio` (sft, reward).
     """
+    # Imported here: transformers costs a launcher process, which only checks, two seconds.
+    from transformers import get_cosine_schedule_with_warmup
+
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                       weight_decay=cfg.weight_decay)

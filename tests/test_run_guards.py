@@ -88,6 +88,9 @@ def test_a_second_run_of_a_running_stage_stops_naming_the_first(prepared):
     lock = prepared / ".rlhf" / "locks" / "sft.lock"
     try:
         _wait_for(lambda: lock.exists() and f"process {first.pid} " in lock.read_text(), first)
+        # Stopped, it still holds the lock and is still running, without taking a core from
+        # the other tests.
+        os.killpg(first.pid, signal.SIGSTOP)
         line = one_line(rlhf("stage", "sft", "--no-track", cwd=prepared))
         assert f"stage sft is already running in {prepared}" in line
         assert f"process {first.pid} on" in line

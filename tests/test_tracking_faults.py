@@ -192,16 +192,18 @@ def test_mlflow_server_killed_mid_ppo_loses_no_metric(mlflow_server, tiny_upstre
 
 def test_unreachable_server_is_one_line(tiny_upstream):
     """Nothing listening, or a server that accepts and never answers: one line within 30 s
-    naming the URI (password hidden) and the way out."""
+    naming the URI (password hidden) and the way out. Every command checks through
+    `ensure_reachable`: the silent server, which costs its full wait, is tried on one."""
     port = free_port()
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)  # accepts connections (backlog) but never answers
     try:
-        for target in (port, silent.getsockname()[1]):
+        for target, commands in ((port, (["stage", "reference"], ["run"], ["promote"])),
+                                 (silent.getsockname()[1], (["run"],))):
             uri = f"http://rlhf:{SECRET}@127.0.0.1:{target}"
             env = cli_env(MLFLOW_TRACKING_URI=uri)
-            for command in (["stage", "reference"], ["run"], ["promote"]):
+            for command in commands:
                 started = time.monotonic()
                 result = rlhf(*command, env=env, cwd=tiny_upstream, timeout=60)
                 seconds = time.monotonic() - started
