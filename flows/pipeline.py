@@ -222,7 +222,6 @@ def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None
     from mlflow.exceptions import MlflowException
 
     from rlhf.mlops import registry
-    from rlhf.mlops.head_to_head import rm_win_rate
     from flows.prefect_logging import user_errors_in_one_line
     from rlhf.mlops.mlflow_tracking import configure, ensure_reachable
 
@@ -234,6 +233,8 @@ def promote_flow(params_file: str = "params.yaml", version: Optional[int] = None
     gate = params.promote
 
     def against_champion(candidate: int, champion: int) -> float:
+        from rlhf.mlops.head_to_head import rm_win_rate  # torch and the stages: seconds
+
         get_run_logger().info(f"sampling version {candidate} against champion {champion}")
         return rm_win_rate(name, candidate, champion, params, Paths(project))
 
