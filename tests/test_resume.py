@@ -22,7 +22,7 @@ from rlhf import checkpoints as ckpt
 from rlhf.config import write_overrides
 from rlhf.io import remove_orphans, tree_hashes
 
-from .conftest import REPO, TINY_OVERRIDES, prefect_home
+from .conftest import REPO, TINY_OVERRIDES
 
 # Long enough that the kill lands between two checkpoints, short enough for CI.
 RESUME_OVERRIDES = {
@@ -145,26 +145,6 @@ def test_kill_9_then_rerun_resumes_exactly(stage, uninterrupted, trained_upstrea
     if stage == "ppo":
         steps = {m.step for m in client.get_metric_history(run_id, "objective/kl")}
         assert steps == set(range(1, total + 1))
-
-
-@pytest.mark.slow
-def test_rlhf_run_killed_in_ppo_resumes_on_the_next_run(tiny_project):
-    """The whole flow: kill -9 `rlhf run` mid-PPO; the next `rlhf run` takes the finished
-    stages from the cache and resumes PPO from its checkpoint."""
-    root = tiny_project
-    write_overrides(root / "params.yaml", RESUME_OVERRIDES["ppo"])
-    env = {**os.environ, "PREFECT_HOME": prefect_home(root / ".prefect-home")}
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
-        env.pop(name, None)
-    command = [sys.executable, "-m", "rlhf.cli", "run", "--root", str(root),
-               "--params", str(root / "params.yaml")]
-    kill_after_first_checkpoint(command, root, "ppo", env=env)
-    assert not (root / "metrics" / "ppo.json").exists()
-
-    result = run_ok(command, root, env=env)
-    assert "model version: rlhf-policy v1" in result.stdout
-    final = ckpt.read_state(ckpt.checkpoint_dirs(root / "checkpoints" / "ppo")[-1])
-    assert final["complete"] and final["step"] == 8 and final["resumed_from"] is not None
 
 
 def test_checkpoint_of_other_params_is_refused_and_fresh_starts_over(trained_upstream, tmp_path):

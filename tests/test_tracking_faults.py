@@ -354,36 +354,37 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-def test_killed_rlhf_run_leaves_no_half_state(tmp_path):
+def test_killed_rlhf_run_leaves_no_half_state_and_the_next_resumes(tmp_path):
     """kill -9 of `rlhf run --set ...` in the middle of PPO: its temporary Prefect server dies
-    with it and params.yaml keeps its old values. The next `rlhf run` ends the killed run's
-    MLflow runs KILLED and its Prefect flow run Crashed, then writes the overrides."""
+    with it and params.yaml keeps its old values. The next `rlhf run` with the same overrides
+    ends the killed pipeline run KILLED in MLflow and its flow run Crashed in Prefect, resumes
+    PPO from its checkpoint (continuing its MLflow run), then writes the overrides."""
+    from rlhf import checkpoints as ckpt
+
     pytest.importorskip("prefect")
     project = tmp_path / "project"
     project.mkdir()
     shutil.copy(REPO / "params.yaml", project / "params.yaml")
     params_before = (project / "params.yaml").read_bytes()
     env = cli_env(PREFECT_HOME=prefect_home(tmp_path / "prefect-home"))
-    sets = [arg for override in TINY_OVERRIDES for arg in ("--set", override)]
+    sets = [arg for override in [*TINY_OVERRIDES, "ppo.steps=8", "ppo.checkpoint_every=2"]
+            for arg in ("--set", override)]
+    checkpoints = project / "checkpoints" / "ppo"
     log = tmp_path / "killed.log"
     with open(log, "w") as out:
-        killed = subprocess.Popen(
-            [sys.executable, "-m", "rlhf.cli", "run", *sets, "--set", "ppo.steps=500"],
-            cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+        killed = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "run", *sets], cwd=project,
+                                  env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
     try:
         deadline = time.monotonic() + 400
-        while True:
-            run = _ppo_run(client) if (project / "mlflow.db").exists() else None
-            if run and client.get_metric_history(run.info.run_id, "objective/kl"):
-                break
+        while ckpt.resumable(checkpoints) is None:
             assert killed.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+            time.sleep(0.005)
         servers = [pid for pid, cmd in _children(killed.pid) if "create_app" in cmd]
-        assert len(servers) == 1, _children(killed.pid)
-        os.kill(killed.pid, signal.SIGKILL)
+        os.kill(killed.pid, signal.SIGKILL)  # rlhf run alone: the kernel takes the server
         killed.wait()
+        assert len(servers) == 1, servers
         deadline = time.monotonic() + 30
         while not _gone(servers[0]):
             assert time.monotonic() < deadline, "the temporary Prefect server outlived rlhf run"
@@ -391,20 +392,26 @@ def test_killed_rlhf_run_leaves_no_half_state(tmp_path):
     finally:
         if killed.poll() is None:
             os.killpg(killed.pid, signal.SIGKILL)
+    assert not ckpt.resumable(checkpoints)["complete"]
     # The guard process puts params.yaml back once the killed run's pipe closes: soon, not at once.
     deadline = time.monotonic() + 30
     while (project / "params.yaml").read_bytes() != params_before:
         assert time.monotonic() < deadline, "params.yaml kept the killed run's overrides"
         time.sleep(0.2)
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    run = _ppo_run(client)
     parent_id = run.data.tags["mlflow.parentRunId"]
     flow_run_id = client.get_run(parent_id).data.tags["prefect.flow_run_id"]
     assert client.get_run(parent_id).info.status == "RUNNING"
 
-    # --fresh: the killed PPO checkpoints were made with other params (ppo.steps).
-    again = rlhf("run", *sets, "--fresh", env=env, cwd=project, timeout=400)
+    again = rlhf("run", *sets, env=env, cwd=project, timeout=400)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "model version: rlhf-policy v1" in again.stdout
+    final = ckpt.read_state(ckpt.checkpoint_dirs(checkpoints)[-1])
+    assert final["complete"] and final["step"] == 8 and final["resumed_from"] is not None
     assert client.get_run(parent_id).info.status == "KILLED"
-    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    resumed = client.get_run(run.info.run_id)  # the PPO stage run, continued
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["rlhf.resumed"] == "true"
     import sqlite3
     import yaml
 
@@ -413,4 +420,4 @@ def test_killed_rlhf_run_leaves_no_half_state(tmp_path):
     assert rows[flow_run_id] == "CRASHED", rows
     assert sorted(rows.values()) == ["COMPLETED", "CRASHED"]
     params = yaml.safe_load((project / "params.yaml").read_text())
-    assert params["ppo"]["steps"] == 2 and params["model"]["n_layer"] == 1
+    assert params["ppo"]["steps"] == 8 and params["model"]["n_layer"] == 1
