@@ -18,7 +18,7 @@ from rlhf.config import load_params
 from rlhf.errors import DataError, ParamsError
 from rlhf.paths import Paths
 
-from .conftest import REPO, TINY_OVERRIDES
+from .conftest import REPO, TINY_OVERRIDES, prefect_home
 from .test_data_formats import assert_accounted, model_dir, pair, prepare, write_jsonl  # noqa: F401
 
 BAD_BYTES = b"caf\xe9 \xff"  # Latin-1, not UTF-8
@@ -276,7 +276,8 @@ def test_promote_with_nothing_registered_is_one_line(tmp_path):
     """`rlhf promote` before any run: one error line, no Prefect traceback or state lines
     (Prefect's and MLflow's INFO lines aside)."""
     (tmp_path / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           "PREFECT_HOME": prefect_home(tmp_path / "prefect-home")}
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
         env.pop(key, None)
     result = subprocess.run([sys.executable, "-m", "rlhf.cli", "promote", "--version", "3"],
