@@ -181,8 +181,8 @@ def test_register_twice_sets_candidate_and_tags(registered):
         assert logged.experiment_id == client.get_run(run_id).info.experiment_id
 
 
-def test_load_candidate_generates(registered):
-    pipe = registry.load_candidate(NAME)
+def test_the_candidate_loads_by_alias_and_generates(registered):
+    pipe = mlflow.transformers.load_model(f"models:/{NAME}@candidate")  # as the README says
     out = pipe("31415=", max_new_tokens=5, do_sample=False)
     text = out[0]["generated_text"]
     assert isinstance(text, str) and text.startswith("31415=")

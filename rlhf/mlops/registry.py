@@ -292,8 +292,3 @@ def promote(
     for key, value in verdict.items():
         client.set_model_version_tag(registered_name, str(version), key, value)
     return decision
-
-
-def load_candidate(registered_name: str, alias: str = CANDIDATE):
-    """The version under `alias` as a transformers text-generation pipeline."""
-    return mlflow.transformers.load_model(f"models:/{registered_name}@{alias}")
