@@ -381,7 +381,7 @@ def test_killed_rlhf_run_leaves_no_half_state_and_the_next_resumes(tmp_path):
             assert killed.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.005)
-        servers = [pid for pid, cmd in _children(killed.pid) if "server start" in cmd]
+        servers = [pid for pid, cmd in _children(killed.pid) if "create_app" in cmd]
         os.kill(killed.pid, signal.SIGKILL)  # rlhf run alone: the kernel takes the server
         killed.wait()
         assert len(servers) == 1, servers
