@@ -189,7 +189,8 @@ def adamw_with_cosine_schedule(model: torch.nn.Module, cfg: Any, steps_per_epoch
 
     `cfg` is a stage section with `epochs`, `lr`, `weight_decay` and `warmup_ratio` (sft, reward).
     """
-    # Imported here: transformers costs a launcher process, which only checks, two seconds.
+    # Here, not at the top: a launcher process imports this module for its checks alone, and
+    # transformers would cost it two seconds.
     from transformers import get_cosine_schedule_with_warmup
 
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
