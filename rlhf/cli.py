@@ -15,7 +15,7 @@ from rlhf.config import load_params
 from rlhf.errors import UserError
 
 
-class _UserErrorsInOneLine(TyperGroup):
+class _OneLineUserErrors(TyperGroup):
     """A user's mistake (`UserError`) from any command: one line on stderr, exit code 2."""
 
     def invoke(self, ctx):
@@ -26,7 +26,7 @@ class _UserErrorsInOneLine(TyperGroup):
 
 
 app = typer.Typer(
-    cls=_UserErrorsInOneLine, add_completion=False, pretty_exceptions_enable=False,
+    cls=_OneLineUserErrors, add_completion=False, pretty_exceptions_enable=False,
     no_args_is_help=True,
     help="A reproducible PPO-RLHF pipeline: prepare → sft → reward → reference → ppo → "
          "evaluate → register.")

@@ -82,7 +82,8 @@ def test_pipeline_and_stage_runs(store, tmp_path):
             return logger.run_id
 
     with mt.tracked_run("pipeline", "rlhf-test", params, tags=tags) as parent:
-        with mt.tracked_run("sft", "rlhf-test", parent_run_id=parent.run_id) as logger:  # same thread: nested
+        # the same thread: nested
+        with mt.tracked_run("sft", "rlhf-test", parent_run_id=parent.run_id) as logger:
             logger.log_metrics({"loss": 2.0}, step=0)
             logger.log_metrics({"loss": 1.5}, step=1)
             logger.log_artifact(plot)
