@@ -21,7 +21,5 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false RLHF_NO_PROGRESS=1
 # off (some sandboxes set PYTHONDONTWRITEBYTECODE), each would compile it anew, ~0.6 s of CPU.
 unset PYTHONDONTWRITEBYTECODE
 # Test files run in parallel, three at a time: most of the time of the slow ones is spent
-# waiting on servers and subprocesses, so three share two cores well. The files start in the
-# order tests/conftest.py gives (the longest first); xdist would otherwise start the files
-# with the most tests first, and the longest file (test_dvc.py, 6 minutes) a third of the way in.
-python -m pytest -q -n "${RLHF_TEST_WORKERS:-3}" --dist loadfile --no-loadscope-reorder "$@"
+# waiting on servers and subprocesses, so three share two cores well.
+python -m pytest -q -n "${RLHF_TEST_WORKERS:-3}" --dist loadfile "$@"

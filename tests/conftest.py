@@ -32,14 +32,12 @@ TINY_OVERRIDES = [
 ]
 
 
-# The longest test files (minutes each, measured) start first, in this order: under `-n 3
-# --dist loadfile --no-loadscope-reorder` (scripts/test.sh) the workers take the first three,
-# queue the next three (dvc+infra, distributed+real_data, flows+resume: about even), then take
-# the rest as they free up. A long file that starts last is what the whole run waits for.
-LONGEST_FIRST = ("test_dvc.py", "test_distributed.py", "test_flows.py", "test_infra.py",
-                 "test_real_data.py", "test_resume.py", "test_tracking_faults.py",
-                 "test_sharding.py", "test_run_guards.py", "test_secrets.py", "test_inputs.py",
-                 "test_tracking_stalls.py")
+# The longest test files (minutes each, measured with --durations) start first: under
+# `--dist loadfile` a long file that starts last is what the whole run waits for.
+LONGEST_FIRST = ("test_dvc.py", "test_flows.py", "test_resume.py", "test_distributed.py",
+                 "test_sharding.py", "test_infra.py", "test_real_data.py", "test_tracking_faults.py",
+                 "test_run_guards.py", "test_secrets.py", "test_tracking_stalls.py",
+                 "test_inputs.py")
 
 
 def pytest_collection_modifyitems(items) -> None:
