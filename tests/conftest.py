@@ -32,19 +32,6 @@ TINY_OVERRIDES = [
 ]
 
 
-# The longest test files (minutes each, measured with --durations) start first: under
-# `--dist loadfile` a long file that starts last is what the whole run waits for.
-LONGEST_FIRST = ("test_dvc.py", "test_flows.py", "test_resume.py", "test_distributed.py",
-                 "test_sharding.py", "test_infra.py", "test_real_data.py", "test_tracking_faults.py",
-                 "test_run_guards.py", "test_secrets.py", "test_tracking_stalls.py",
-                 "test_inputs.py")
-
-
-def pytest_collection_modifyitems(items) -> None:
-    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
-
-
 @pytest.fixture
 def tiny_project(tmp_path: Path) -> Path:
     """A project directory with the repo's params.yaml and the tiny profile written into it."""
