@@ -163,16 +163,19 @@ def test_a_killed_two_process_run_resumes_on_one_or_two(sharding, trained_upstre
     extra = ["ppo.steps=6", "ppo.checkpoint_every=2", f"train.sharding={sharding}"]
     whole = project(trained_upstream, tmp_path / "whole", extra)
     run_here(whole, "ppo")
+    killed = project(trained_upstream, tmp_path / "killed-2", extra)
+    step = kill_after_first_checkpoint(
+        rlhf_stage(killed, "ppo", "--no-track", "--set", "train.num_processes=2"),
+        killed, "ppo")
+    assert 0 < step < 6
+    # Each rank took part in the save (a collective where the weights are sharded).
+    newest = ckpt.checkpoint_dirs(killed / "checkpoints" / "ppo")[-1]
+    assert {p.name for p in newest.glob("random_states_*.pkl")} == {
+        "random_states_0.pkl", "random_states_1.pkl"}
+    # The killed project as it was left, copied: one copy resumes on two processes, one on one.
+    shutil.copytree(killed, tmp_path / "killed-1", symlinks=True)
     for world in (2, 1):
-        killed = project(trained_upstream, tmp_path / f"killed-{world}", extra)
-        step = kill_after_first_checkpoint(
-            rlhf_stage(killed, "ppo", "--no-track", "--set", "train.num_processes=2"),
-            killed, "ppo")
-        assert 0 < step < 6
-        # Each rank took part in the save (a collective where the weights are sharded).
-        newest = ckpt.checkpoint_dirs(killed / "checkpoints" / "ppo")[-1]
-        assert {p.name for p in newest.glob("random_states_*.pkl")} == {
-            "random_states_0.pkl", "random_states_1.pkl"}
+        killed = tmp_path / f"killed-{world}"
         result = launch(killed, "ppo", f"train.num_processes={world}")
         assert "resuming" in result.stdout + result.stderr
         final = ckpt.read_state(ckpt.checkpoint_dirs(killed / "checkpoints" / "ppo")[-1])
