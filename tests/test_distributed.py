@@ -163,7 +163,7 @@ def test_a_killed_two_process_run_resumes_on_one_or_two(sharding, trained_upstre
     extra = ["ppo.steps=6", "ppo.checkpoint_every=2", f"train.sharding={sharding}"]
     whole = project(trained_upstream, tmp_path / "whole", extra)
     run_here(whole, "ppo")
-    killed = project(trained_upstream, tmp_path / "killed-2", extra)
+    killed = project(trained_upstream, tmp_path / "killed", extra)
     step = kill_after_first_checkpoint(
         rlhf_stage(killed, "ppo", "--no-track", "--set", "train.num_processes=2"),
         killed, "ppo")
@@ -172,15 +172,15 @@ def test_a_killed_two_process_run_resumes_on_one_or_two(sharding, trained_upstre
     newest = ckpt.checkpoint_dirs(killed / "checkpoints" / "ppo")[-1]
     assert {p.name for p in newest.glob("random_states_*.pkl")} == {
         "random_states_0.pkl", "random_states_1.pkl"}
-    # The killed project as it was left, copied: one copy resumes on two processes, one on one.
-    shutil.copytree(killed, tmp_path / "killed-1", symlinks=True)
-    for world in (2, 1):
-        killed = tmp_path / f"killed-{world}"
-        result = launch(killed, "ppo", f"train.num_processes={world}")
+    # The killed project resumes on two processes; a copy of it, as the kill left it, on one.
+    copy = tmp_path / "killed-copy"
+    shutil.copytree(killed, copy)
+    for world, resumed in ((2, killed), (1, copy)):
+        result = launch(resumed, "ppo", f"train.num_processes={world}")
         assert "resuming" in result.stdout + result.stderr
-        final = ckpt.read_state(ckpt.checkpoint_dirs(killed / "checkpoints" / "ppo")[-1])
+        final = ckpt.read_state(ckpt.checkpoint_dirs(resumed / "checkpoints" / "ppo")[-1])
         assert final["complete"] and final["resumed_from"] == step
-        assert_close(per_step(killed, "ppo"), per_step(whole, "ppo"))
+        assert_close(per_step(resumed, "ppo"), per_step(whole, "ppo"))
 
 
 @pytest.mark.parametrize("overrides, expected", [
